@@ -1,0 +1,120 @@
+"""Validation helpers used at awt's public boundaries.
+
+Every helper raises ``ValueError`` (or ``TypeError`` for a wrong type) whose
+message names the argument, the offending value and what is accepted.  Inside
+the library the types are trusted; these run once per public call.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "as_tensor",
+    "check_finite",
+    "check_rank",
+    "check_positive",
+    "check_nonnegative",
+    "check_density",
+    "check_choice",
+    "check_int",
+]
+
+
+def as_tensor(x: Any, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Convert ``x`` (tensor, numpy array or nested sequence) to a tensor.
+
+    Numpy arrays are accepted at the edges (DESIGN.md) and converted without
+    copying where possible. ``dtype`` casts floating tensors when given.
+    """
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+        try:
+            t = torch.as_tensor(np.asarray(x))
+        except Exception as exc:  # pragma: no cover - numpy decides
+            raise TypeError(f"{name}: cannot convert {type(x).__name__} to a tensor ({exc})") from exc
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}")
+    if dtype is not None:
+        t = t.to(dtype)
+    return t
+
+
+def check_finite(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Raise if ``x`` holds NaN or inf (nothing is silently propagated)."""
+    if x.is_floating_point() or x.is_complex():
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            n_bad = int(bad.sum())
+            raise ValueError(f"{name}: contains {n_bad} non-finite value(s) (NaN or inf); all entries must be finite")
+    return x
+
+
+def check_rank(x: torch.Tensor, name: str, ranks: Iterable[int], what: str = "") -> torch.Tensor:
+    ranks = tuple(ranks)
+    if x.dim() not in ranks:
+        accepted = " or ".join(str(r) for r in ranks)
+        hint = f" ({what})" if what else ""
+        raise ValueError(f"{name}: expected a tensor of rank {accepted}{hint}, got shape {tuple(x.shape)}")
+    return x
+
+
+def _num(value: Any, name: str) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name}: expected a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a real number, got {value!r}")
+    v = float(value)
+    if math.isnan(v):
+        raise ValueError(f"{name}: got NaN; expected a finite number")
+    return v
+
+
+def check_positive(value: Any, name: str, allow_inf: bool = False) -> float:
+    """A real number in (0, inf) (or (0, inf] with ``allow_inf``)."""
+    v = _num(value, name)
+    if not v > 0 or (math.isinf(v) and not allow_inf):
+        rng = "(0, inf]" if allow_inf else "(0, inf)"
+        raise ValueError(f"{name}: got {value!r}; accepted range is {rng}")
+    return v
+
+
+def check_nonnegative(value: Any, name: str, allow_inf: bool = False) -> float:
+    """A real number in [0, inf) (or [0, inf] with ``allow_inf``)."""
+    v = _num(value, name)
+    if v < 0 or (math.isinf(v) and not allow_inf):
+        rng = "[0, inf]" if allow_inf else "[0, inf)"
+        raise ValueError(f"{name}: got {value!r}; accepted range is {rng}")
+    return v
+
+
+def check_density(value: Any, name: str = "density") -> float:
+    """A keep-probability q in (0, 1]."""
+    v = _num(value, name)
+    if not (0.0 < v <= 1.0):
+        raise ValueError(f"{name}: got {value!r}; a density (keep-probability) must lie in (0, 1]")
+    return v
+
+
+def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}: got {value!r}; accepted values are {', '.join(repr(c) for c in choices)}")
+    return value
+
+
+def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    v = int(value)
+    if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+        lo = "-inf" if minimum is None else str(minimum)
+        hi = "inf" if maximum is None else str(maximum)
+        raise ValueError(f"{name}: got {v}; accepted range is [{lo}, {hi}]")
+    return v
