@@ -1,0 +1,644 @@
+r"""Closed-form infinite-width NNGP and NTK kernels (dense and masked; MLPs and CNNs).
+
+Layers compose like neural-tangents' ``stax`` (Novak et al. 2020): each layer maps
+an immutable kernel record to a new one, and :func:`serial` folds them into a
+kernel function::
+
+    >>> from ntk_theory.infinite import serial, Dense, Relu
+    >>> k = serial(Dense(), Relu(), Dense(), Relu(), Dense())
+    >>> kern = k(x1, x2)                 # Kernels(nngp=(N1, N2), ntk=(N1, N2)), float64
+    >>> theta = k(x1, x2, get="ntk")     # just the NTK tensor
+
+Conventions (NTK parameterisation; THEORY.md §B.1, §B.2; ``parameterization='ntk'`` in stax):
+
+* the first ``Dense`` (or ``Conv``, patch-wise) gives
+  :math:`K = \sigma_w^2 \langle x, x'\rangle / \mathrm{fan\_in} + \sigma_b^2` and :math:`\Theta = K`;
+* a nonlinearity :math:`\phi` gives :math:`K \leftarrow E[\phi(u)\phi(v)]`,
+  :math:`\Theta \leftarrow \Theta \cdot E[\phi'(u)\phi'(v)]` with
+  :math:`(u, v) \sim N(0, [[K(x,x), K(x,x')], [K(x,x'), K(x',x')]])`;
+* every later ``Dense``/``Conv`` gives :math:`K \leftarrow \sigma_w^2 K + \sigma_b^2` and
+  :math:`\Theta \leftarrow K_{new} + \sigma_w^2 \Theta` (for ``Conv`` both through the
+  patch mean :math:`\frac{1}{k^2}\sum_{a,b} K_{i+a\,j+b,\;i'+a\,j'+b}` with zero padding);
+* ``Flatten`` averages the pixel-diagonal :math:`K_{ij,ij}` (what a following ``Dense``
+  with fan-in ``C*H*W`` sees), ``GlobalAvgPool`` averages all pixel pairs.
+
+Masked limits (THEORY.md §B.7): a ``Dense``/``Conv`` with keep-probability ``density``
+:math:`q` is the dense layer when its kept weights are rescaled by :math:`1/\sqrt q`
+(``rescale=True``), and the dense layer with :math:`\sigma_w^2 \to q\sigma_w^2` without
+rescaling. Both are exact width-limits only for layers whose fan-in grows with width; see
+:func:`mlp` for the first-layer caveat.
+
+Inputs: MLPs take ``(N, d)``, CNNs take ``(N, C, H, W)`` (torch layout). Kernels are
+float64 by default and differentiable in the inputs: the arc-cosine expectations use a
+custom backward whose singular terms (at :math:`\rho = \pm 1`, i.e. coincident or
+antipodal points, where the ReLU NTK has a cone-shaped kink) are replaced by their
+symmetric subgradient 0, so gradients are finite everywhere (as neural-tangents'
+tolerant ``_sqrt``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import as_tensor, check_choice, check_density, check_finite, check_int, check_nonnegative
+from . import layers as _fl
+
+__all__ = [
+    "Kernels", "Layer", "KernelFn", "serial",
+    "Dense", "Conv", "ABRelu", "Relu", "LeakyRelu", "Erf", "Identity", "Flatten", "GlobalAvgPool",
+    "mlp", "relu_expectations", "erf_expectations",
+]
+
+
+# --------------------------------------------------------------------------------------
+# records
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Kernels:
+    """NNGP and NTK of a pair of input batches, each ``(N1, N2)`` (``None`` if not requested)."""
+
+    nngp: torch.Tensor | None
+    ntk: torch.Tensor | None
+
+    def to_dict(self) -> dict:
+        return {k: (None if v is None else v.detach().cpu().tolist()) for k, v in
+                (("nngp", self.nngp), ("ntk", self.ntk))}
+
+
+@dataclass(frozen=True)
+class _State:
+    """Internal kernel record passed from layer to layer.
+
+    Before the first affine layer ``x1``/``x2`` hold the raw inputs and ``nngp`` is None.
+    Afterwards:
+
+    * ``nngp``, ``ntk``: cross kernels, ``(n1, n2)``, ``(H, W, n1, n2)`` (pixel-diagonal,
+      enough when the readout is ``Flatten``) or ``(H, H', W, W', n1, n2)`` (all pixel
+      pairs, needed by ``GlobalAvgPool``);
+    * ``var1``, ``var2``: self-covariances, ``(n,)``, ``(H, W, n)`` or ``(H, H', W, W', n)``.
+    """
+
+    x1: torch.Tensor | None
+    x2: torch.Tensor | None
+    nngp: torch.Tensor | None
+    ntk: torch.Tensor | None
+    var1: torch.Tensor | None
+    var2: torch.Tensor | None
+    spatial: str          # "diag" | "full": how image kernels are stored
+    want_ntk: bool
+
+
+# --------------------------------------------------------------------------------------
+# elementwise Gaussian expectations
+# --------------------------------------------------------------------------------------
+def _tol(dtype: torch.dtype) -> float:
+    # |sin angle| below which two points count as coincident/antipodal for gradients;
+    # ~100 sqrt(eps) sits well above the rounding noise of rho = 1 (THEORY.md §E.5).
+    return 100.0 * math.sqrt(torch.finfo(dtype).eps)
+
+
+def _unbroadcast(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    for i, s in enumerate(shape):
+        if s == 1 and grad.shape[i] != 1:
+            grad = grad.sum(i, keepdim=True)
+    return grad
+
+
+class _ABReluExpect(torch.autograd.Function):
+    r"""``(E[phi(u)phi(v)], E[phi'(u)phi'(v)])`` for ``phi(z) = a z 1{z<0} + b z 1{z>0}``.
+
+    With :math:`c = K_{12}`, :math:`\theta = \arccos(c/\sqrt{K_{11}K_{22}})`, :math:`D = \sqrt{K_{11}K_{22}}\sin\theta`,
+    :math:`f = (a-b)^2/(2\pi)` and :math:`A = (a^2+b^2)/2`:
+    :math:`E[\phi\phi] = f D + (A - f\theta)c`, :math:`E[\phi'\phi'] = A - f\theta`
+    (Cho & Saul 2009; stax ``ABRelu``). Analytic backward:
+    :math:`\partial E/\partial c = A - f\theta`, :math:`\partial E/\partial K_{11} = fD/(2K_{11})`,
+    :math:`\partial \dot E/\partial c = f/D`, :math:`\partial \dot E/\partial K_{11} = -fc/(2DK_{11})`;
+    the last two are singular at :math:`D = 0` and are set to 0 there (subgradient).
+    """
+
+    @staticmethod
+    def forward(ctx, c, va, vb, a, b):
+        f = (a - b) ** 2 / (2 * math.pi)
+        A = (a * a + b * b) / 2
+        # rho = c / sqrt(va vb) and D = sqrt(va vb) sin(theta): for self-pairs (c == va == vb)
+        # sqrt(fl(v*v)) == v, so rho == 1 and D == 0 exactly (no FMA-dependent sqrt(eps) error)
+        s = torch.sqrt(va * vb).clamp_(min=torch.finfo(c.dtype).tiny)
+        rho = torch.div(c, s).clamp_(-1.0, 1.0)
+        theta = torch.acos(rho)
+        dn = torch.sin(theta)
+        ed = theta.mul_(-f).add_(A)                 # E[phi' phi'] = A - f theta
+        e = torch.addcmul(dn * f, ed, rho).mul_(s)  # E[phi phi] = f D + (A - f theta) c
+        ctx.save_for_backward(c, va, vb, s, dn, ed)
+        ctx.f = f
+        ctx.tol = _tol(c.dtype)
+        return e, ed
+
+    @staticmethod
+    def backward(ctx, g_e, g_ed):
+        c, va, vb, s, dn, ed = ctx.saved_tensors
+        f = ctx.f
+        gc = gva = gvb = None
+        D = s * dn
+        ok = dn > ctx.tol
+        Dsafe = torch.where(ok, D, torch.ones_like(D))
+        va_s = torch.where(va > 0, va, torch.ones_like(va))
+        vb_s = torch.where(vb > 0, vb, torch.ones_like(vb))
+        if g_e is None:
+            g_e = torch.zeros_like(c)
+        if g_ed is None:
+            g_ed = torch.zeros_like(c)
+        sing = torch.where(ok, g_ed * f / Dsafe, torch.zeros_like(D))   # g_ed * f / D
+        if ctx.needs_input_grad[0]:
+            gc = g_e * ed + sing
+        if ctx.needs_input_grad[1]:
+            t = (g_e * f * D - sing * c) / (2 * va_s)
+            gva = _unbroadcast(torch.where(va > 0, t, torch.zeros_like(t)), va.shape)
+        if ctx.needs_input_grad[2]:
+            t = (g_e * f * D - sing * c) / (2 * vb_s)
+            gvb = _unbroadcast(torch.where(vb > 0, t, torch.zeros_like(t)), vb.shape)
+        return gc, gva, gvb, None, None
+
+
+def relu_expectations(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, a: float = 0.0, b: float = 1.0):
+    r"""Arc-cosine expectations for :math:`\phi(z) = a\,z\,1\{z<0\} + b\,z\,1\{z>0\}`.
+
+    Returns ``(E[phi(u) phi(v)], E[phi'(u) phi'(v)])`` for
+    :math:`(u, v) \sim N(0, [[v_a, c], [c, v_b]])`, elementwise with broadcasting.
+    For ReLU (a=0, b=1): :math:`\tfrac12\sqrt{v_av_b}\,\kappa_1(\rho)` and :math:`\tfrac12\kappa_0(\rho)`
+    with :math:`\kappa_0(\rho) = (\pi - \arccos\rho)/\pi`,
+    :math:`\kappa_1(\rho) = (\sqrt{1-\rho^2} + (\pi - \arccos\rho)\rho)/\pi` (THEORY.md §B.1.1).
+    """
+    return _ABReluExpect.apply(c, va, vb, float(a), float(b))
+
+
+def erf_expectations(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor):
+    r"""Expectations for :math:`\phi = \mathrm{erf}` (Williams 1997; THEORY.md §B.1.2).
+
+    With :math:`P = (1+2v_a)(1+2v_b)`:
+    :math:`E[\phi\phi] = \tfrac{2}{\pi}\arcsin(2c/\sqrt P)`,
+    :math:`E[\phi'\phi'] = \tfrac{4}{\pi}(P - 4c^2)^{-1/2}`. Smooth everywhere since
+    :math:`P - 4c^2 \ge 1 + 2(v_a + v_b) > 0`.
+    """
+    P = (1 + 2 * va) * (1 + 2 * vb)
+    e = (2 / math.pi) * torch.asin(2 * c / torch.sqrt(P))
+    ed = (4 / math.pi) * torch.rsqrt(P - 4 * c * c)
+    return e, ed
+
+
+# --------------------------------------------------------------------------------------
+# spatial helpers (CNTK; Arora et al. 2019)
+# --------------------------------------------------------------------------------------
+# Image kernels are stored spatial-axes-first so that the batch axes are contiguous and the
+# shifted adds of the patch sums vectorise over them:
+#   "diag": cross (H, W, n1, n2), self (H, W, n)                 pixel-diagonal only
+#   "full": cross (H, H', W, W', n1, n2), self (H, H', W, W', n)  all pixel pairs
+def _shift_sum(t: torch.Tensor, axes: tuple, k: int) -> torch.Tensor:
+    """``sum_{a=-(k-1)/2}^{(k-1)/2} t[i+a, ...]`` shifting all ``axes`` together, zero padding."""
+    out = t.clone()
+    size = t.shape[axes[0]]
+    for a in range(1, k // 2 + 1):
+        if a >= size:
+            break
+        lo = [slice(None)] * t.dim()
+        hi = [slice(None)] * t.dim()
+        for ax in axes:
+            lo[ax] = slice(0, size - a)
+            hi[ax] = slice(a, size)
+        out[tuple(lo)] += t[tuple(hi)]
+        out[tuple(hi)] += t[tuple(lo)]
+    return out
+
+
+def _patch_sum(t: torch.Tensor, k: int, spatial: str) -> torch.Tensor:
+    r""":math:`\sum_{a,b} t_{i+a\,j+b,\;i'+a\,j'+b}` (full) or :math:`\sum_{a,b} t_{i+a\,j+b}` (diag).
+
+    Separable: the shift over rows and the shift over columns are applied one after the other.
+    """
+    if k == 1:
+        return t
+    if spatial == "full":
+        return _shift_sum(_shift_sum(t, (0, 1), k), (2, 3), k)
+    return _shift_sum(_shift_sum(t, (0,), k), (1,), k)
+
+
+def _pixel_diag(v: torch.Tensor) -> torch.Tensor:
+    """Full-layout self-covariance (H, H, W, W, n) -> pixel variances (H, W, n)."""
+    return v.diagonal(0, 0, 1).diagonal(0, 0, 1).permute(1, 2, 0)
+
+
+def _broadcast_vars(s: _State):
+    """Broadcast the self-variances of both batches against the cross kernel ``s.nngp``."""
+    v1, v2 = s.var1, s.var2
+    if s.nngp.dim() == 2:
+        return v1[:, None], v2[None, :]
+    if s.spatial == "diag":
+        return v1[..., :, None], v2[..., None, :]
+    p1, p2 = _pixel_diag(v1), _pixel_diag(v2)
+    return p1[:, None, :, None, :, None], p2[None, :, None, :, None, :]
+
+
+def _self_vars(v: torch.Tensor, spatial: str):
+    """``(c, va, vb)`` for applying a nonlinearity to a self-covariance ``v``."""
+    if v.dim() == 5:
+        p = _pixel_diag(v)
+        return v, p[:, None, :, None, :], p[None, :, None, :, :]
+    return v, v, v
+
+
+# --------------------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layer:
+    """One layer: a kernel transformer and a factory for its finite-width counterpart."""
+
+    name: str
+    kernel: Callable[[_State], _State]
+    finite: Callable[[tuple, int, torch.Generator | None, torch.dtype, bool], tuple]
+    kind: str = "other"          # "affine" | "nonlin" | "readout" | "other"
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _check_sigmas(sigma_w, sigma_b):
+    check_nonnegative(sigma_w, "sigma_w")
+    check_nonnegative(sigma_b, "sigma_b")
+    return float(sigma_w), float(sigma_b)
+
+
+def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1.0, rescale: bool = True) -> Layer:
+    r"""Fully connected layer, NTK parameterisation.
+
+    First layer: :math:`K = \sigma_w^2 x\cdot x'/d + \sigma_b^2`, :math:`\Theta = K`. Later layers:
+    :math:`K \leftarrow \sigma_w^2 K + \sigma_b^2`, :math:`\Theta \leftarrow K + \sigma_w^2\Theta`.
+    With ``density=q < 1`` and ``rescale=False`` the weight variance is :math:`q\sigma_w^2`
+    (a random mask of keep-probability q); with ``rescale=True`` the kept weights are scaled
+    by :math:`1/\sqrt q` and the limit is the dense one (THEORY.md §B.7).
+    """
+    sw, sb = _check_sigmas(sigma_w, sigma_b)
+    q = check_density(density)
+    sw2 = sw * sw * (1.0 if rescale else q)
+    sb2 = sb * sb
+
+    def kernel(s: _State) -> _State:
+        if s.nngp is None:
+            x1, x2 = s.x1, s.x2
+            if x1.dim() != 2:
+                raise ValueError(f"x1: Dense expects inputs of shape (N, d), got {tuple(x1.shape)}; "
+                                 "put Flatten() or GlobalAvgPool() before Dense for images")
+            d = x1.shape[1]
+            nngp = (sw2 / d) * (x1 @ x2.T) + sb2
+            v1 = (sw2 / d) * (x1 * x1).sum(1) + sb2
+            if x2 is x1:   # exact self-pairs: rho = 1 exactly, so no sqrt(eps) error at the kink
+                v2 = v1
+                nngp = torch.diagonal_scatter(nngp, v1)
+            else:
+                v2 = (sw2 / d) * (x2 * x2).sum(1) + sb2
+            return replace(s, x1=None, x2=None, nngp=nngp, ntk=nngp if s.want_ntk else None, var1=v1, var2=v2)
+        if s.nngp.dim() != 2:
+            raise ValueError("layers: Dense received an image kernel; put Flatten() or GlobalAvgPool() before Dense")
+        nngp = sw2 * s.nngp + sb2
+        ntk = None if s.ntk is None else torch.add(nngp, s.ntk, alpha=sw2)
+        return replace(s, nngp=nngp, ntk=ntk, var1=sw2 * s.var1 + sb2, var2=sw2 * s.var2 + sb2)
+
+    def finite(shape, width, generator, dtype, is_readout, out_features=1):
+        n_out = out_features if is_readout else width
+        return _fl.NTKLinear(shape[0], n_out, sigma_w=sw, sigma_b=sb, generator=generator, dtype=dtype), (n_out,)
+
+    return Layer(f"Dense(sigma_w={sw:g}, sigma_b={sb:g}, density={q:g}, rescale={rescale})", kernel, finite, "affine")
+
+
+def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1.0,
+         rescale: bool = True) -> Layer:
+    r"""2-D convolution, stride 1, zero 'SAME' padding, odd square ``kernel_size``; NTK parameterisation.
+
+    First layer: :math:`K_{ij,i'j'} = \frac{\sigma_w^2}{C k^2}\sum_{a,b}\sum_c x_{c,i+a,j+b}x'_{c,i'+a,j'+b}
+    + \sigma_b^2`. Later layers: :math:`K \leftarrow \sigma_w^2\,\mathrm{PM}(K) + \sigma_b^2`,
+    :math:`\Theta \leftarrow K + \sigma_w^2\,\mathrm{PM}(\Theta)`, where PM is the patch mean
+    :math:`\frac1{k^2}\sum_{a,b}K_{i+a\,j+b,\;i'+a\,j'+b}` (the CNTK "patch trace" of Arora et
+    al. 2019 with the 1/k^2 of the fan-in). ``density``/``rescale`` as in :func:`Dense`.
+    """
+    k = check_int(kernel_size, "kernel_size", minimum=1)
+    if k % 2 == 0:
+        raise ValueError(f"kernel_size: got {k}; only odd kernel sizes are supported (stride 1, 'SAME' padding)")
+    sw, sb = _check_sigmas(sigma_w, sigma_b)
+    q = check_density(density)
+    sw2 = sw * sw * (1.0 if rescale else q)
+    sb2 = sb * sb
+
+    c_w = sw2 / (k * k)     # sigma_w^2 / fan_in, the channel count being normalised away
+
+    def kernel(s: _State) -> _State:
+        full = s.spatial == "full"
+        if s.nngp is None:
+            x1, x2 = s.x1, s.x2
+            if x1.dim() != 4:
+                raise ValueError(f"x1: Conv expects images of shape (N, C, H, W), got {tuple(x1.shape)}")
+            C = x1.shape[1]
+            if full:
+                cross = torch.einsum("ncij,mckl->ikjlnm", x1, x2).contiguous() / C
+                v1 = torch.einsum("ncij,nckl->ikjln", x1, x1).contiguous() / C
+                v2 = v1 if x2 is x1 else torch.einsum("ncij,nckl->ikjln", x2, x2).contiguous() / C
+            else:
+                cross = torch.einsum("ncij,mcij->ijnm", x1, x2).contiguous() / C
+                v1 = torch.einsum("ncij,ncij->ijn", x1, x1).contiguous() / C
+                v2 = v1 if x2 is x1 else torch.einsum("ncij,ncij->ijn", x2, x2).contiguous() / C
+            if x2 is x1:   # exact self-pairs (see Dense)
+                cross = torch.diagonal_scatter(cross, v1, dim1=-2, dim2=-1)
+            nngp = _patch_sum(cross, k, s.spatial).mul_(c_w).add_(sb2)
+            v1n = _patch_sum(v1, k, s.spatial).mul_(c_w).add_(sb2)
+            v2n = v1n if v2 is v1 else _patch_sum(v2, k, s.spatial).mul_(c_w).add_(sb2)
+            return replace(s, x1=None, x2=None, nngp=nngp, ntk=nngp if s.want_ntk else None, var1=v1n, var2=v2n)
+        if s.nngp.dim() == 2:
+            raise ValueError("layers: Conv received a vector kernel (after Flatten/GlobalAvgPool/Dense)")
+        nngp = _patch_sum(s.nngp, k, s.spatial).mul_(c_w).add_(sb2)
+        ntk = None if s.ntk is None else torch.add(nngp, _patch_sum(s.ntk, k, s.spatial), alpha=c_w)
+        v1 = _patch_sum(s.var1, k, s.spatial).mul_(c_w).add_(sb2)
+        v2 = v1 if s.var2 is s.var1 else _patch_sum(s.var2, k, s.spatial).mul_(c_w).add_(sb2)
+        return replace(s, nngp=nngp, ntk=ntk, var1=v1, var2=v2)
+
+    def finite(shape, width, generator, dtype, is_readout, out_features=1):
+        if is_readout:
+            raise ValueError("layers: a Conv cannot be the readout; end with Flatten()/GlobalAvgPool() and Dense()")
+        c, h, w = shape
+        return _fl.NTKConv2d(c, width, k, sigma_w=sw, sigma_b=sb, generator=generator, dtype=dtype), (width, h, w)
+
+    return Layer(f"Conv(kernel_size={k}, sigma_w={sw:g}, sigma_b={sb:g}, density={q:g}, rescale={rescale})",
+                 kernel, finite, "affine")
+
+
+def _nonlin(name: str, expect, module_fn) -> Layer:
+    def kernel(s: _State) -> _State:
+        if s.nngp is None:
+            raise ValueError(f"layers: {name} cannot come first; start the network with Dense() or Conv()")
+        va, vb = _broadcast_vars(s)
+        nngp, ed = expect(s.nngp, va, vb)
+        ntk = None if s.ntk is None else s.ntk * ed
+        c1, a1, b1 = _self_vars(s.var1, s.spatial)
+        v1 = expect(c1, a1, b1)[0]
+        if s.var2 is s.var1:
+            v2 = v1
+        else:
+            c2, a2, b2 = _self_vars(s.var2, s.spatial)
+            v2 = expect(c2, a2, b2)[0]
+        return replace(s, nngp=nngp, ntk=ntk, var1=v1, var2=v2)
+
+    def finite(shape, width, generator, dtype, is_readout, out_features=1):
+        return module_fn(), shape
+
+    return Layer(name, kernel, finite, "nonlin")
+
+
+def ABRelu(a: float, b: float) -> Layer:
+    r"""Piecewise-linear :math:`\phi(z) = a z` for :math:`z<0`, :math:`b z` for :math:`z>0` (arc-cosine kernels)."""
+    a, b = float(a), float(b)
+    for v, nm in ((a, "a"), (b, "b")):
+        if not math.isfinite(v):
+            raise ValueError(f"{nm}: got {v!r}; expected a finite slope")
+
+    class _AB(nn.Module):
+        def forward(self, h):
+            return torch.where(h > 0, b * h, a * h)
+
+    return _nonlin(f"ABRelu({a:g}, {b:g})", lambda c, va, vb: relu_expectations(c, va, vb, a, b), _AB)
+
+
+def Relu() -> Layer:
+    """ReLU, :math:`\\phi(z) = \\max(z, 0)`."""
+    return _nonlin("Relu()", lambda c, va, vb: relu_expectations(c, va, vb, 0.0, 1.0), nn.ReLU)
+
+
+def LeakyRelu(alpha: float = 0.01) -> Layer:
+    """Leaky ReLU with negative slope ``alpha``."""
+    alpha = float(alpha)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha: got {alpha!r}; expected a finite slope")
+    return _nonlin(f"LeakyRelu({alpha:g})", lambda c, va, vb: relu_expectations(c, va, vb, alpha, 1.0),
+                   lambda: nn.LeakyReLU(alpha))
+
+
+def Erf() -> Layer:
+    """:math:`\\phi(z) = \\mathrm{erf}(z)`."""
+    return _nonlin("Erf()", erf_expectations, _fl.Erf)
+
+
+def Identity() -> Layer:
+    """The identity (linear network): leaves both kernels unchanged."""
+    return Layer("Identity()", lambda s: s, lambda shape, width, g, dt, r, out_features=1: (nn.Identity(), shape),
+                 "nonlin")
+
+
+def Flatten() -> Layer:
+    r"""Flatten ``(C, H, W) -> C*H*W``: the following ``Dense`` sees :math:`\frac1{HW}\sum_{ij}K_{ij,ij}`."""
+
+    def kernel(s: _State) -> _State:
+        if s.nngp is None:
+            x1 = s.x1.flatten(1)
+            x2 = x1 if s.x2 is s.x1 else s.x2.flatten(1)
+            return replace(s, x1=x1, x2=x2)
+        if s.nngp.dim() == 2:
+            return s
+        if s.spatial == "full":
+            red = lambda t: t.diagonal(0, 0, 1).diagonal(0, 0, 1).mean((-2, -1))
+            v1, v2 = _pixel_diag(s.var1).mean((0, 1)), _pixel_diag(s.var2).mean((0, 1))
+        else:
+            red = lambda t: t.mean((0, 1))
+            v1, v2 = s.var1.mean((0, 1)), s.var2.mean((0, 1))
+        return replace(s, nngp=red(s.nngp), ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2)
+
+    def finite(shape, width, g, dt, r, out_features=1):
+        return nn.Flatten(), (math.prod(shape),)
+
+    return Layer("Flatten()", kernel, finite, "readout")
+
+
+def GlobalAvgPool() -> Layer:
+    r"""Average over pixels: the following ``Dense`` sees :math:`\frac1{(HW)^2}\sum_{ij,i'j'}K_{ij,i'j'}`."""
+
+    def kernel(s: _State) -> _State:
+        if s.nngp is None:
+            x1 = s.x1.mean((2, 3))
+            x2 = x1 if s.x2 is s.x1 else s.x2.mean((2, 3))
+            return replace(s, x1=x1, x2=x2)
+        if s.nngp.dim() == 2:
+            return s
+        if s.spatial != "full":  # pragma: no cover - serial() selects "full" whenever GAP is present
+            raise RuntimeError("GlobalAvgPool needs the full spatial kernel")
+        red = lambda t: t.mean((0, 1, 2, 3))
+        return replace(s, nngp=red(s.nngp), ntk=None if s.ntk is None else red(s.ntk),
+                       var1=red(s.var1), var2=red(s.var2))
+
+    def finite(shape, width, g, dt, r, out_features=1):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), (shape[0],)
+
+    return Layer("GlobalAvgPool()", kernel, finite, "readout")
+
+
+# --------------------------------------------------------------------------------------
+# composition
+# --------------------------------------------------------------------------------------
+_GET = ("nngp", "ntk")
+
+
+class KernelFn:
+    """The kernel function of a network built by :func:`serial`.
+
+    ``k(x1, x2=None, get=("nngp", "ntk"), *, batch_size=None, dtype=torch.float64)``
+    returns :class:`Kernels` (or a single tensor when ``get`` is a string). ``x2=None`` means
+    ``x2 = x1``; then only blocks on and above the diagonal are computed and mirrored.
+    ``batch_size`` bounds the rows of ``x1`` and of ``x2`` processed at once (peak memory
+    ~ ``batch_size**2`` times the per-pair size: 1, ``H*W`` or ``(H*W)**2`` for MLPs,
+    Flatten-CNNs and GAP-CNNs); the result does not depend on it.
+    """
+
+    def __init__(self, layers: Sequence[Layer]):
+        self.layers = tuple(layers)
+        self.spatial = "full" if any(l.name == "GlobalAvgPool()" for l in self.layers) else "diag"
+        self.is_conv = any(l.name.startswith("Conv(") for l in self.layers)
+
+    def __repr__(self) -> str:
+        return "serial(" + ", ".join(map(repr, self.layers)) + ")"
+
+    # -- validation ---------------------------------------------------------------------
+    def _prep(self, x, name, dtype):
+        x = as_tensor(x, name)
+        if not x.is_floating_point():
+            x = x.to(dtype)
+        x = x.to(dtype)
+        check_finite(x, name)
+        want = 4 if self.is_conv else None
+        if want is not None and x.dim() != 4:
+            raise ValueError(f"{name}: this network starts with images; expected shape (N, C, H, W), got {tuple(x.shape)}")
+        if want is None and x.dim() not in (2, 4):
+            raise ValueError(f"{name}: expected shape (N, d) (or (N, C, H, W) before Flatten), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: empty batch")
+        return x
+
+    def _block(self, x1, x2, want_ntk):
+        s = _State(x1, x2, None, None, None, None, self.spatial, want_ntk)
+        for layer in self.layers:
+            s = layer.kernel(s)
+        if s.nngp is None or s.nngp.dim() != 2:
+            raise ValueError("layers: the network must end with a Dense readout on vector features "
+                             "(add Flatten()/GlobalAvgPool() and Dense())")
+        return s.nngp, s.ntk
+
+    def _default_batch(self, x) -> int:
+        if not self.is_conv:
+            return 512
+        hw = x.shape[-1] * x.shape[-2]
+        per_pair = hw * hw if self.spatial == "full" else hw
+        return max(1, int(math.sqrt(2 ** 23 / per_pair)))
+
+    def __call__(self, x1, x2=None, get=_GET, *, batch_size: int | None = None, dtype: torch.dtype = torch.float64):
+        single = isinstance(get, str)
+        gets = (get,) if single else tuple(get)
+        for g in gets:
+            check_choice(g, "get", _GET)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: got {dtype!r}; expected a floating torch.dtype")
+        x1 = self._prep(x1, "x1", dtype)
+        sym = x2 is None
+        x2 = x1 if sym else self._prep(x2, "x2", dtype)
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(f"x2: feature shape {tuple(x2.shape[1:])} does not match x1's {tuple(x1.shape[1:])}")
+        if x2.device != x1.device:
+            raise ValueError(f"x2: on device {x2.device}, x1 on {x1.device}; put both on one device")
+        bs = self._default_batch(x1) if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
+        want_ntk = "ntk" in gets
+        n1, n2 = x1.shape[0], x2.shape[0]
+        if n1 <= bs and n2 <= bs:
+            nngp, ntk = self._block(x1, x2, want_ntk)
+        else:
+            nngp = x1.new_empty((n1, n2))
+            ntk = x1.new_empty((n1, n2)) if want_ntk else None
+            for i in range(0, n1, bs):
+                for j in range(0, n2, bs):
+                    if sym and j < i:
+                        continue
+                    b1, b2 = x1[i:i + bs], x2[j:j + bs]
+                    kn, kt = self._block(b1, b1 if (sym and i == j) else b2, want_ntk)
+                    nngp[i:i + bs, j:j + bs] = kn
+                    if want_ntk:
+                        ntk[i:i + bs, j:j + bs] = kt
+                    if sym and j > i:
+                        nngp[j:j + bs, i:i + bs] = kn.T
+                        if want_ntk:
+                            ntk[j:j + bs, i:i + bs] = kt.T
+        if sym:  # GEMM rounding can break exact symmetry on diagonal blocks; restore it
+            nngp = 0.5 * (nngp + nngp.T)
+            ntk = None if ntk is None else 0.5 * (ntk + ntk.T)
+        out = Kernels(nngp=nngp if "nngp" in gets else None, ntk=ntk if want_ntk else None)
+        return getattr(out, gets[0]) if single else out
+
+    # -- the matching finite network --------------------------------------------------
+    def finite(self, in_shape: Sequence[int], width: int, out_features: int = 1, *,
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+        """A finite network (NTK parameterisation) whose empirical NTK converges to this kernel.
+
+        Every hidden ``Dense``/``Conv`` gets ``width`` units/channels; the last ``Dense`` has
+        ``out_features`` outputs. Masks (``density < 1``) are not applied here: combine with
+        :func:`ntk_theory.masks.random_mask` and ``apply_mask``.
+        """
+        width = check_int(width, "width", minimum=1)
+        shape = tuple(int(s) for s in in_shape)
+        affine_idx = [i for i, l in enumerate(self.layers) if l.kind == "affine"]
+        if not affine_idx:
+            raise ValueError("layers: the network has no Dense/Conv layer")
+        mods = []
+        for i, layer in enumerate(self.layers):
+            m, shape = layer.finite(shape, width, generator, dtype, i == affine_idx[-1], out_features)
+            mods.append(m)
+        return nn.Sequential(*mods)
+
+
+def serial(*layers: Layer) -> KernelFn:
+    """Compose layers into a :class:`KernelFn` (stax's ``serial``)."""
+    if not layers:
+        raise ValueError("layers: serial() needs at least one layer")
+    for i, l in enumerate(layers):
+        if not isinstance(l, Layer):
+            raise TypeError(f"layers[{i}]: expected a Layer (Dense(), Relu(), ...), got {type(l).__name__}")
+    return KernelFn(layers)
+
+
+_ACTS = {"relu": Relu, "erf": Erf, "leaky_relu": LeakyRelu, "identity": Identity}
+
+
+def mlp(depth: int, activation: str = "relu", sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, density: float = 1.0,
+        rescale: bool = True, mask_first_layer: bool = False, *, alpha: float = 0.01) -> KernelFn:
+    r"""Kernel of an MLP with ``depth`` hidden layers (Dense, activation) and a Dense readout.
+
+    ``density`` is the keep-probability q of random masks on the weight layers after the
+    first (hidden-to-hidden and readout). Without rescaling this is
+    :math:`\sigma_w^2 \to q\sigma_w^2` on those layers; for ReLU with
+    :math:`\sigma_b = 0` the NTK becomes :math:`q^{k}\Theta` with k = depth masked layers
+    (THEORY.md §B.7, C3); with ``rescale=True`` (weights times :math:`1/\sqrt q`) it is the
+    dense kernel.
+
+    **First-layer caveat** (THEORY.md §B.7, C4). The first layer has a fixed fan-in d, so a
+    random mask on it leaves each neuron's pre-activation covariance
+    :math:`\frac{\sigma_w^2}{dq}\sum_j M_{ij} x_j x'_j` random as width grows; the next layer
+    averages a nonlinear function of it, and the width limit is *not* the closed form below.
+    ``mask_first_layer=False`` (default) leaves the first layer dense, which makes the
+    formula exact. ``mask_first_layer=True`` applies the same substitution to the first
+    layer too; it is exact only as :math:`d \to \infty` (a mean-field approximation).
+    """
+    depth = check_int(depth, "depth", minimum=0)
+    check_choice(activation, "activation", tuple(_ACTS))
+    q = check_density(density)
+    act = (lambda: LeakyRelu(alpha)) if activation == "leaky_relu" else _ACTS[activation]
+    first_q = q if mask_first_layer else 1.0
+    layers = [Dense(sigma_w, sigma_b, density=first_q, rescale=rescale)]
+    for _ in range(depth):
+        layers += [act(), Dense(sigma_w, sigma_b, density=q, rescale=rescale)]
+    return serial(*layers)

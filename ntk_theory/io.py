@@ -1,0 +1,62 @@
+"""Atomic result files: nothing awt writes is ever left half-written.
+
+Each writer writes to a temporary file in the destination folder and renames it over
+the target with :func:`os.replace`, which is atomic on POSIX and Windows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda fh: fh.write(text))
+
+
+def _default(o: Any):
+    if isinstance(o, torch.Tensor):
+        return o.detach().cpu().tolist()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    text = json.dumps(obj, indent=indent, default=_default, allow_nan=True)
+    return atomic_write_text(path, text + "\n")
+
+
+def atomic_torch_save(path: str | os.PathLike, obj: Any) -> Path:
+    """``torch.save`` through a temporary file (checkpoints survive interruption)."""
+    return atomic_write(path, lambda fh: torch.save(obj, fh), mode="wb")
