@@ -91,6 +91,7 @@ class _State:
     var2: torch.Tensor | None
     spatial: str          # "diag" | "full": how image kernels are stored
     want_ntk: bool
+    dup: torch.Tensor | None = None   # (n1, n2) pairs of identical inputs (self-pairs), or None
 
 
 # --------------------------------------------------------------------------------------
@@ -190,6 +191,46 @@ def erf_expectations(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor):
     e = (2 / math.pi) * torch.asin(2 * c / torch.sqrt(P))
     ed = (4 / math.pi) * torch.rsqrt(P - 4 * c * c)
     return e, ed
+
+
+def _exact_duplicates(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+    """Boolean ``(n1, n2)`` marking pairs of identical inputs (None if there are none).
+
+    Identical inputs have correlation exactly 1, but a GEMM and a row sum round
+    differently, and arccos turns an O(eps) error in rho into O(sqrt(eps)) in the kernel.
+    Marked pairs get their cross covariance set to the (identical) self variance.
+    """
+    a, b = x1.detach().reshape(x1.shape[0], -1), x2.detach().reshape(x2.shape[0], -1)
+    na, nb = (a * a).sum(1), (b * b).sum(1)
+    scale = na[:, None] + nb[None, :]
+    cand = torch.addmm(scale, a, b.T, alpha=-2.0) <= 1e-8 * scale
+    if not bool(cand.any()):
+        return None
+    idx = cand.nonzero()
+    same = (a[idx[:, 0]] == b[idx[:, 1]]).all(1)
+    if not bool(same.any()):
+        return None
+    dup = torch.zeros_like(cand)
+    dup[idx[same, 0], idx[same, 1]] = True
+    return dup
+
+
+def _pin_duplicates(dup: torch.Tensor | None, cross: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor):
+    """Make pairs of identical inputs exactly correlated: ``cross[.., i, j] = v1[.., i] = v2[.., j]``.
+
+    Values are replaced, gradients kept (straight-through), so ``rho == 1`` holds exactly at
+    the next nonlinearity. Applied after the first layer and after every spatial reduction.
+    """
+    if dup is None:
+        return cross, v2
+
+    def pin(mask, value, t):
+        return torch.where(mask, value.detach() + (t - t.detach()), t)
+
+    cross = pin(dup, v1[..., :, None], cross)
+    if v2 is not v1:
+        v2 = pin(dup.any(0), v1[..., dup.to(torch.int8).argmax(0)], v2)
+    return cross, v2
 
 
 # --------------------------------------------------------------------------------------
@@ -297,11 +338,8 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
             d = x1.shape[1]
             nngp = (sw2 / d) * (x1 @ x2.T) + sb2
             v1 = (sw2 / d) * (x1 * x1).sum(1) + sb2
-            if x2 is x1:   # exact self-pairs: rho = 1 exactly, so no sqrt(eps) error at the kink
-                v2 = v1
-                nngp = torch.diagonal_scatter(nngp, v1)
-            else:
-                v2 = (sw2 / d) * (x2 * x2).sum(1) + sb2
+            v2 = v1 if x2 is x1 else (sw2 / d) * (x2 * x2).sum(1) + sb2
+            nngp, v2 = _pin_duplicates(s.dup, nngp, v1, v2)
             return replace(s, x1=None, x2=None, nngp=nngp, ntk=nngp if s.want_ntk else None, var1=v1, var2=v2)
         if s.nngp.dim() != 2:
             raise ValueError("layers: Dense received an image kernel; put Flatten() or GlobalAvgPool() before Dense")
@@ -351,8 +389,7 @@ def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, 
                 cross = torch.einsum("ncij,mcij->ijnm", x1, x2).contiguous() / C
                 v1 = torch.einsum("ncij,ncij->ijn", x1, x1).contiguous() / C
                 v2 = v1 if x2 is x1 else torch.einsum("ncij,ncij->ijn", x2, x2).contiguous() / C
-            if x2 is x1:   # exact self-pairs (see Dense)
-                cross = torch.diagonal_scatter(cross, v1, dim1=-2, dim2=-1)
+            cross, v2 = _pin_duplicates(s.dup, cross, v1, v2)
             nngp = _patch_sum(cross, k, s.spatial).mul_(c_w).add_(sb2)
             v1n = _patch_sum(v1, k, s.spatial).mul_(c_w).add_(sb2)
             v2n = v1n if v2 is v1 else _patch_sum(v2, k, s.spatial).mul_(c_w).add_(sb2)
@@ -452,7 +489,9 @@ def Flatten() -> Layer:
         else:
             red = lambda t: t.mean((0, 1))
             v1, v2 = s.var1.mean((0, 1)), s.var2.mean((0, 1))
-        return replace(s, nngp=red(s.nngp), ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2)
+        v2 = v1 if s.var2 is s.var1 else v2
+        nngp, v2 = _pin_duplicates(s.dup, red(s.nngp), v1, v2)
+        return replace(s, nngp=nngp, ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2)
 
     def finite(shape, width, g, dt, r, out_features=1):
         return nn.Flatten(), (math.prod(shape),)
@@ -473,8 +512,10 @@ def GlobalAvgPool() -> Layer:
         if s.spatial != "full":  # pragma: no cover - serial() selects "full" whenever GAP is present
             raise RuntimeError("GlobalAvgPool needs the full spatial kernel")
         red = lambda t: t.mean((0, 1, 2, 3))
-        return replace(s, nngp=red(s.nngp), ntk=None if s.ntk is None else red(s.ntk),
-                       var1=red(s.var1), var2=red(s.var2))
+        v1 = red(s.var1)
+        v2 = v1 if s.var2 is s.var1 else red(s.var2)
+        nngp, v2 = _pin_duplicates(s.dup, red(s.nngp), v1, v2)
+        return replace(s, nngp=nngp, ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2)
 
     def finite(shape, width, g, dt, r, out_features=1):
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), (shape[0],)
@@ -524,7 +565,8 @@ class KernelFn:
         return x
 
     def _block(self, x1, x2, want_ntk):
-        s = _State(x1, x2, None, None, None, None, self.spatial, want_ntk)
+        dup = torch.eye(x1.shape[0], dtype=torch.bool, device=x1.device) if x2 is x1 else _exact_duplicates(x1, x2)
+        s = _State(x1, x2, None, None, None, None, self.spatial, want_ntk, dup)
         for layer in self.layers:
             s = layer.kernel(s)
         if s.nngp is None or s.nngp.dim() != 2:

@@ -353,3 +353,83 @@ def test_finite_builder_matches_architecture():
     net = k.finite((2, 6, 6), 8, out_features=3, generator=torch.Generator().manual_seed(0))
     assert net(torch.randn(4, 2, 6, 6, dtype=f64)).shape == (4, 3)
     assert net[-1].sigma_b == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- neural-tangents
+# Values computed on this project's CPU with neural-tangents 0.6.5 / jax 0.4.30 (float64,
+# stax with parameterization='ntk', W_std=sqrt(2), b_std=0), inputs from numpy's
+# default_rng(0)/default_rng(1); an external implementation of the same conventions.
+NT_MLP_NTK = [[8.36160174, 2.35842025488, 2.40231942137], [2.35842025488, 9.80923701637, 2.55063759634],
+              [2.40231942137, 2.55063759634, 9.6885429507]]
+NT_MLP_NNGP = [[1.67232035145, 1.19451468221, 1.19715516373], [1.19451468221, 1.96184742979, 1.28787240519],
+               [1.19715516373, 1.28787240519, 1.93770859014]]
+NT_MLP_NTK_X2 = [[2.20329220961, 2.55782664244, 2.3506278852], [2.35705537445, 2.57628040426, 2.8016138609],
+                 [2.55737336146, 3.02969236888, 2.35557433927]]
+NT_CNTK = {
+    "flatten": ([[5.63253813946, 1.60484604645, 1.46215932958], [1.60484604645, 7.58917346318, 2.01257944936],
+                 [1.46215932958, 2.01257944936, 5.77559436987]],
+                [[1.40813453691, 0.946434536166, 0.837381706476], [0.946434536166, 1.89729336866, 1.02690632876],
+                 [0.837381706476, 1.02690632876, 1.44389859518]]),
+    "gap": ([[1.3631690156, 1.52364306735, 1.32989490632], [1.52364306735, 1.79078091306, 1.53575249511],
+             [1.32989490632, 1.53575249511, 1.35642210096]],
+            [[0.775644106177, 0.883805991546, 0.771682584385], [0.883805991546, 1.02064485093, 0.887596068285],
+             [0.771682584385, 0.887596068285, 0.776043197162]]),
+}
+
+
+def _agree_with_nt(ours: torch.Tensor, nt) -> None:
+    # Off the diagonal: agreement to 1e-10. On it NT computes rho = 1 through sqrt(1 - rho^2) of
+    # rounded values and is only sqrt(eps)-accurate (its own nngp/ntk calls differ by ~4e-8);
+    # awt's self-pairs are exact, so the diagonal is compared at 1e-7.
+    nt = np.asarray(nt)
+    off = ~np.eye(3, dtype=bool)
+    assert np.allclose(ours.numpy()[off], nt[off], rtol=1e-10, atol=0)
+    assert np.allclose(ours.numpy().diagonal(), nt.diagonal(), rtol=1e-7, atol=0)
+
+
+def test_mlp_matches_neural_tangents():
+    x = torch.tensor(np.random.default_rng(0).standard_normal((3, 64)))
+    x2 = torch.tensor(np.random.default_rng(1).standard_normal((3, 64)))
+    k = mlp(4)
+    out = k(x)
+    _agree_with_nt(out.ntk, NT_MLP_NTK)
+    _agree_with_nt(out.nngp, NT_MLP_NNGP)
+    # the exact diagonal: ReLU, sigma_w^2 = 2, sigma_b = 0 -> Theta(x, x) = (L + 1) * 2 ||x||^2 / d
+    exact = 5 * 2 * (x * x).sum(1) / 64
+    assert torch.allclose(out.ntk.diagonal(), exact, rtol=1e-14)
+    assert np.allclose(k(x, x2).ntk.numpy(), NT_MLP_NTK_X2, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("name,readout", [("flatten", Flatten), ("gap", GlobalAvgPool)])
+def test_cntk_matches_neural_tangents(name, readout):
+    nhwc = np.random.default_rng(0).standard_normal((64, 12, 12, 1))[:3]
+    x = torch.tensor(nhwc).permute(0, 3, 1, 2)
+    k = serial(Conv(3), Relu(), Conv(3), Relu(), Conv(3), Relu(), readout(), Dense())
+    out = k(x)
+    ntk, nngp = NT_CNTK[name]
+    _agree_with_nt(out.ntk, ntk)
+    _agree_with_nt(out.nngp, nngp)
+
+
+@pytest.mark.parametrize("net", ["mlp", "flatten", "gap"])
+def test_identical_inputs_in_different_tensors_are_exact(net):
+    # x2 holds copies of rows of x1: those pairs must equal the self-pairs exactly (rho = 1),
+    # not up to the sqrt(eps) error of arccos near 1.
+    if net == "mlp":
+        x1 = _inputs(0, 6, 64)
+        k = mlp(3, sigma_b=0.2)
+    else:
+        x1 = _inputs(0, 6 * 32 * 4 * 4, 1).reshape(6, 32, 4, 4)
+        ro = Flatten if net == "flatten" else GlobalAvgPool
+        k = serial(Conv(3, sigma_b=0.2), Relu(), Conv(3), Relu(), ro(), Dense())
+    perm = [4, 1, 5, 0, 3, 2]
+    x2 = torch.cat([x1[perm].clone(), _inputs(9, 2, x1[0].numel()).reshape((2,) + x1.shape[1:])])
+    sym, cross = k(x1), k(x1, x2)
+    # equal up to the rounding of the final reductions (a few eps), far below sqrt(eps) ~ 1.5e-8
+    for a, b in ((cross.ntk, sym.ntk), (cross.nngp, sym.nngp)):
+        assert torch.allclose(a[perm, range(6)], b.diagonal()[perm], rtol=1e-14, atol=0)
+    # a hidden Dense + nonlinearity after the readout: duplicates stay exact through the reduction
+    if net != "mlp":
+        deep = serial(*k.layers[:-1], Dense(sigma_b=0.1), Relu(), Dense())
+        a, b = deep(x1, x2).ntk, deep(x1).ntk
+        assert torch.allclose(a[perm, range(6)], b.diagonal()[perm], rtol=1e-14, atol=0)

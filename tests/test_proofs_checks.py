@@ -1,0 +1,92 @@
+"""proofs_checks: registry, C1 (passes and can fail), the `awt verify` command end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ntk_theory.infinite import mlp
+from proofs_checks.cli import main
+from proofs_checks.checks.c01_ntk_concentration import check_c1
+from proofs_checks.registry import CheckResult, get_check, registry, run_checks
+from proofs_checks.stats import bootstrap_slope, loglog_slope
+
+SMALL = dict(widths=[64, 128, 256, 512], seeds=4, n_points=6)
+
+
+def test_registry_lists_c1():
+    reg = registry()
+    assert "C1" in reg and reg["C1"].rigour == "theorem"
+    with pytest.raises(ValueError, match="only"):
+        get_check("C999")
+    with pytest.raises(ValueError, match="scale"):
+        run_checks(["C1"], scale="huge")
+
+
+def test_loglog_slope_and_bootstrap_recover_a_known_power_law():
+    rng = np.random.default_rng(0)
+    x = np.array([64, 128, 256, 512, 1024])
+    samples = [3.0 * xi ** -0.5 * np.exp(0.05 * rng.standard_normal(8)) for xi in x]
+    slope, (lo, hi) = bootstrap_slope(x, samples, n_boot=500)
+    assert abs(slope + 0.5) < 0.05 and lo < slope < hi
+    assert loglog_slope(x, 2.0 * x ** 1.5) == pytest.approx(1.5)
+
+
+def test_c1_passes_with_the_closed_form():
+    res = check_c1(scale="quick", seed=0, **SMALL)
+    assert isinstance(res, CheckResult)
+    assert res.passed, res.summary()
+    assert -0.65 <= res.measured["slope_ntk"] <= -0.35
+    lo, hi = res.measured["ci_ntk"]
+    assert lo <= res.measured["slope_ntk"] <= hi
+    json.dumps(res.to_dict())
+
+
+@pytest.mark.parametrize("wrong", [
+    mlp(2, "relu", sigma_w=1.1 * 2 ** 0.5),    # sigma_w off by 10 %
+    mlp(3, "relu"),                            # one layer too deep
+    mlp(2, "relu", sigma_b=0.3),               # a bias that the network does not have
+])
+def test_c1_fails_with_a_planted_wrong_kernel(wrong):
+    res = check_c1(scale="quick", seed=0, reference=wrong, **SMALL)
+    assert not res.passed
+    assert res.measured["slope_ntk"] > -0.35    # the error plateaus instead of decaying
+
+
+def test_awt_verify_cli_end_to_end(tmp_path, capsys, monkeypatch):
+    import proofs_checks.checks.c01_ntk_concentration as c1
+    monkeypatch.setitem(c1.PARAMS, "quick", dict(c1.PARAMS["quick"], **SMALL))
+    out = tmp_path / "rep"
+    assert main(["verify", "--list"]) == 0
+    assert "C1" in capsys.readouterr().out
+    code = main(["verify", "--only", "C1", "--out", str(out), "--seed", "1"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "PASS" in text and "1 passed, 0 failed" in text
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["passed"] and rep["checks"][0]["id"] == "C1" and rep["seed"] == 1
+    assert (out / "report.md").exists()
+    assert not list(out.glob(".*.tmp"))          # atomic writes leave no temporaries
+    assert main(["verify", "--only", "C42", "--out", str(out)]) == 2
+
+
+def test_awt_verify_exits_nonzero_when_a_check_fails(tmp_path, monkeypatch, capsys):
+    import proofs_checks.checks.c01_ntk_concentration as c1
+    from proofs_checks import registry as reg_mod
+    orig = reg_mod._REGISTRY["C1"]
+    planted = lambda scale, seed: c1.check_c1(scale, seed, reference=mlp(3), **SMALL)
+    monkeypatch.setitem(reg_mod._REGISTRY, "C1", reg_mod.Check("C1", orig.title, orig.statement, orig.rigour, planted))
+    assert main(["verify", "--only", "C1", "--out", str(tmp_path)]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_console_script_runs(tmp_path):
+    exe = Path(sys.executable).with_name("awt")
+    if not exe.exists():
+        pytest.skip("awt console script not installed in this environment")
+    proc = subprocess.run([str(exe), "verify", "--list"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "C1" in proc.stdout
