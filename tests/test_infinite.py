@@ -400,6 +400,12 @@ def test_mlp_matches_neural_tangents():
     assert np.allclose(k(x, x2).ntk.numpy(), NT_MLP_NTK_X2, rtol=1e-10, atol=0)
 
 
+# NTK diagonals of the same CNTKs from an independent float64 numpy implementation of the
+# Arora et al. recursions with exact self-pairs (written for this cross-check, outside awt):
+EXACT_CNTK_DIAG = {"flatten": [5.63253814764, 7.58917347466, 5.77559438071],
+                   "gap": [1.36316901565, 1.79078091314, 1.35642210102]}
+
+
 @pytest.mark.parametrize("name,readout", [("flatten", Flatten), ("gap", GlobalAvgPool)])
 def test_cntk_matches_neural_tangents(name, readout):
     nhwc = np.random.default_rng(0).standard_normal((64, 12, 12, 1))[:3]
@@ -409,6 +415,7 @@ def test_cntk_matches_neural_tangents(name, readout):
     ntk, nngp = NT_CNTK[name]
     _agree_with_nt(out.ntk, ntk)
     _agree_with_nt(out.nngp, nngp)
+    assert np.allclose(out.ntk.diagonal().numpy(), EXACT_CNTK_DIAG[name], rtol=1e-11, atol=0)  # 12 printed digits
 
 
 @pytest.mark.parametrize("net", ["mlp", "flatten", "gap"])
