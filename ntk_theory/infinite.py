@@ -130,12 +130,13 @@ class _ABReluExpect(torch.autograd.Function):
         A = (a * a + b * b) / 2
         # rho = c / sqrt(va vb) and D = sqrt(va vb) sin(theta): for self-pairs (c == va == vb)
         # sqrt(fl(v*v)) == v, so rho == 1 and D == 0 exactly (no FMA-dependent sqrt(eps) error)
-        s = torch.sqrt(va * vb).clamp_(min=torch.finfo(c.dtype).tiny)
+        tiny = torch.finfo(c.dtype).tiny
+        s = torch.mul(va.clamp(min=tiny), vb.clamp(min=tiny)).sqrt_()
         rho = torch.div(c, s).clamp_(-1.0, 1.0)
         theta = torch.acos(rho)
         dn = torch.sin(theta)
         ed = theta.mul_(-f).add_(A)                 # E[phi' phi'] = A - f theta
-        e = torch.addcmul(dn * f, ed, rho).mul_(s)  # E[phi phi] = f D + (A - f theta) c
+        e = torch.addcmul(c * ed, s, dn, value=f)   # E[phi phi] = (A - f theta) c + f D
         ctx.save_for_backward(c, va, vb, s, dn, ed)
         ctx.f = f
         ctx.tol = _tol(c.dtype)
@@ -343,7 +344,9 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
             return replace(s, x1=None, x2=None, nngp=nngp, ntk=nngp if s.want_ntk else None, var1=v1, var2=v2)
         if s.nngp.dim() != 2:
             raise ValueError("layers: Dense received an image kernel; put Flatten() or GlobalAvgPool() before Dense")
-        nngp = sw2 * s.nngp + sb2
+        nngp = s.nngp * sw2
+        if sb2:
+            nngp.add_(sb2)
         ntk = None if s.ntk is None else torch.add(nngp, s.ntk, alpha=sw2)
         return replace(s, nngp=nngp, ntk=ntk, var1=sw2 * s.var1 + sb2, var2=sw2 * s.var2 + sb2)
 
@@ -564,7 +567,7 @@ class KernelFn:
             raise ValueError(f"{name}: empty batch")
         return x
 
-    def _block(self, x1, x2, want_ntk):
+    def _block(self, x1, x2, want_ntk, symmetric=False):
         dup = torch.eye(x1.shape[0], dtype=torch.bool, device=x1.device) if x2 is x1 else _exact_duplicates(x1, x2)
         s = _State(x1, x2, None, None, None, None, self.spatial, want_ntk, dup)
         for layer in self.layers:
@@ -572,6 +575,8 @@ class KernelFn:
         if s.nngp is None or s.nngp.dim() != 2:
             raise ValueError("layers: the network must end with a Dense readout on vector features "
                              "(add Flatten()/GlobalAvgPool() and Dense())")
+        if symmetric:  # GEMM rounding can break exact symmetry of a diagonal block; restore it
+            return 0.5 * (s.nngp + s.nngp.T), None if s.ntk is None else 0.5 * (s.ntk + s.ntk.T)
         return s.nngp, s.ntk
 
     def _default_batch(self, x) -> int:
@@ -599,7 +604,7 @@ class KernelFn:
         want_ntk = "ntk" in gets
         n1, n2 = x1.shape[0], x2.shape[0]
         if n1 <= bs and n2 <= bs:
-            nngp, ntk = self._block(x1, x2, want_ntk)
+            nngp, ntk = self._block(x1, x2, want_ntk, sym)
         else:
             nngp = x1.new_empty((n1, n2))
             ntk = x1.new_empty((n1, n2)) if want_ntk else None
@@ -608,7 +613,7 @@ class KernelFn:
                     if sym and j < i:
                         continue
                     b1, b2 = x1[i:i + bs], x2[j:j + bs]
-                    kn, kt = self._block(b1, b1 if (sym and i == j) else b2, want_ntk)
+                    kn, kt = self._block(b1, b1 if (sym and i == j) else b2, want_ntk, sym and i == j)
                     nngp[i:i + bs, j:j + bs] = kn
                     if want_ntk:
                         ntk[i:i + bs, j:j + bs] = kt
@@ -616,9 +621,6 @@ class KernelFn:
                         nngp[j:j + bs, i:i + bs] = kn.T
                         if want_ntk:
                             ntk[j:j + bs, i:i + bs] = kt.T
-        if sym:  # GEMM rounding can break exact symmetry on diagonal blocks; restore it
-            nngp = 0.5 * (nngp + nngp.T)
-            ntk = None if ntk is None else 0.5 * (ntk + ntk.T)
         out = Kernels(nngp=nngp if "nngp" in gets else None, ntk=ntk if want_ntk else None)
         return getattr(out, gets[0]) if single else out
 

@@ -90,3 +90,27 @@ def test_console_script_runs(tmp_path):
         pytest.skip("awt console script not installed in this environment")
     proc = subprocess.run([str(exe), "verify", "--list"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "C1" in proc.stdout
+
+
+def test_c3_passes_and_fails_with_a_wrong_exponent():
+    from proofs_checks.checks.c03_masked_scaling import check_c3
+    small = dict(width=512, seeds=4, densities=[0.5, 0.2])
+    res = check_c3(seed=0, **small)
+    assert res.passed, res.summary()
+    for row in res.details["rows"]:
+        assert row["tolerance"] < 0.5 * row["predicted"]     # the tolerance is tight enough to fail
+    wrong = check_c3(seed=0, exponent=3, **small)
+    assert not wrong.passed
+
+
+def test_c6_holds_and_a_too_tight_bound_fails():
+    from proofs_checks.checks.c06_dynamics_perturbation import check_c6
+    res = check_c6(seed=0)
+    assert res.passed and res.measured["violations"] == 0
+    assert 0.05 < res.measured["max_gap_over_bound"] <= 1.0     # non-trivial: the bound is not vacuous
+    assert not check_c6(seed=0, bound_factor=0.1).passed
+
+
+def test_registry_runs_every_check_quickly():
+    ids = list(registry())
+    assert ids[:3] == ["C1", "C3", "C6"]
