@@ -1,0 +1,985 @@
+"""Finite-width (empirical) NTK of any ``torch.nn.Module``, dense or masked (THEORY.md §B.3).
+
+For a model ``f(θ; x) ∈ R^O`` the empirical NTK is
+
+    Θ̂(x, x')[o, o'] = Σ_p ∂f_o(x)/∂θ_p · ∂f_o'(x')/∂θ_p          (Jacot et al. 2018)
+
+over the differentiated parameters ``θ``. :func:`empirical_ntk` computes it in
+three ways that agree to float64 round-off:
+
+``"structured"``
+    The exact per-layer factorisation (THEORY.md §B.3; Novak et al. ICML 2022,
+    "structured derivatives"). A layer ``z = g_w W h + g_b b`` (``nn.Linear`` /
+    ``nn.Conv2d`` and subclasses such as :class:`~ntk_theory.layers.NTKLinear`,
+    with ``g_w = weight_gain``, ``g_b = bias_gain``, both 1 for plain torch layers)
+    has ``∂f_o/∂W_ij = g_w δ_i h_j`` with ``δ = ∂f_o/∂z`` the back-propagated
+    signal and ``h`` the layer input. Hence, for a dense layer,
+
+        Θ̂_l = g_w² (Δ Δ'ᵀ) ⊙ (H H'ᵀ) + g_b² Δ Δ'ᵀ        (two GEMMs per layer)
+
+    and, with the effective squared mask ``M²`` (entries 0 or ``s²``),
+
+        Θ̂_l[x, x'] = g_w² Σ_i δ_i δ'_i (M² (h ⊙ h'))_i + g_b² Σ_i m_b,i² δ_i δ'_i .
+
+    A convolution is the same over positions: ``∂f/∂W = g_w Σ_pos δ(pos) ⊗ patch(pos)``,
+    formed per example from im2col patches and contracted as a Gram matrix. Any
+    other modules (activations, pooling, flatten, residual adds, ...) may sit in
+    between, as long as they carry no differentiated parameter: the signals ``δ``
+    are taken by autograd through whatever the model does. One forward pass
+    records every layer input ``h``; a backward pass per output (batched over the
+    ``O`` cotangents with vmap, or a plain loop for convolutional models) gives every
+    ``δ``. Nothing of size ``N x (number of parameters)`` is formed for dense layers:
+    memory is ``O(N² O²)`` plus activations and signals (``N O`` times the layer
+    widths), plus ``N O x`` (parameters of the convolutions) for convolutions. For
+    ``Θ(x, x)`` only the output-group tiles on and above the diagonal are multiplied.
+``"jacobian"``
+    ``torch.func.vmap(jacrev)`` per-example Jacobians, contracted: the reference.
+``"jvp"``
+    NTK-vector products: ``Θ̂ e = J (Jᵀ e)`` through ``torch.func.vjp`` (one example)
+    then ``torch.func.jvp`` (the whole batch), never materialising the Jacobian of
+    the batch; for few outputs and many parameters.
+
+Masks (DESIGN.md, THEORY.md §B.3 "gotcha"): a mask ``m`` (``dict[str, BoolTensor]``,
+True = kept) defines the sub-network ``f_m(θ) = f(m ⊙ θ)``.
+
+- ``mask_mode="subnetwork"`` (default): ``Θ̂_m = J(m ⊙ θ) diag(m) J(m ⊙ θ)ᵀ``, the NTK
+  of the sub-network; pruned coordinates are fixed zeros and contribute nothing.
+- ``mask_mode="ntt"``: ``J(m ⊙ θ) J(m ⊙ θ)ᵀ``, the dense-architecture NTK evaluated
+  at the masked weights, which is what Neural Tangent Transfer's code computes
+  (Liu & Zenke 2020); pruned coordinates do contribute.
+
+A model masked with :func:`ntk_theory.masks.apply_mask` gives the sub-network
+kernel without any ``mask=`` argument: mask and rescaling (``W = s·m⊙θ``, ``s = 1/sqrt(q)``)
+are read from the parametrisation, the derivative is w.r.t. the raw ``θ``
+(squared coefficient ``s² m``). With ``mask_mode="ntt"`` the derivative is w.r.t.
+``w = m⊙θ`` with ``W = s·w`` (squared coefficient ``s²`` everywhere). A ``mask=``
+argument on such a model is combined (logical and) with the applied mask.
+
+Assumptions (the same for all methods): dimension 0 of the input is the batch
+and examples do not interact (no BatchNorm in training mode; no dropout);
+``"structured"`` further assumes that a supported layer's parameters are used
+only by that layer's own ``forward`` (no weights shared with other code).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from ._checks import as_tensor, check_choice, check_finite, check_int
+from .layers import NTKConv2d, NTKLinear
+from .masks import canonical_name, get_mask, validate_mask
+
+__all__ = ["empirical_ntk", "MODES", "METHODS", "MASK_MODES"]
+
+MODES = ("full", "trace", "diagonal")
+METHODS = ("auto", "structured", "jacobian", "jvp")
+MASK_MODES = ("subnetwork", "ntt")
+
+# Elements of one internal temporary of the masked path before it is split into row chunks
+# (8 MiB in float64: small enough to be reused by the allocator instead of page-faulting).
+_TEMP_ELEMS = 1 << 20
+# Elements of the vmapped tangents/activations of one chunk of method="jvp" (128 MiB in float64).
+_JVP_ELEMS = 1 << 24
+# Elements of the Jacobian rows held at once by method="jacobian" (2 GiB in float64); the
+# structured path's explicit (convolution) Jacobians get an eighth of it per block.
+_JAC_ELEMS = 1 << 28
+
+# Symmetric single-output kernels with N >= 512 rows are tiled 2 x 2, with N >= 1024 rows 3 x 3.
+_SYM_SPLIT_ROWS = (512, 1024)
+
+# Module forwards whose computation is known to be op(h, weight_gain*W, bias_gain*b).
+_LINEAR_FORWARDS = (nn.Linear.forward, NTKLinear.forward)
+_CONV_FORWARDS = (nn.Conv2d.forward, NTKConv2d.forward)
+
+
+class _Unsupported(Exception):
+    """The structured path does not apply (the message says why)."""
+
+
+# --------------------------------------------------------------------------------------------
+# The problem: which tensors are differentiated, with which masks, through which function
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Problem:
+    model: nn.Module
+    diff: dict[str, torch.Tensor]  # raw name -> differentiated variable (detached, cast)
+    fixed: dict[str, torch.Tensor]  # raw name -> other tensors passed to functional_call
+    mult: dict[str, torch.Tensor]  # raw name -> forward multiplier of a variable (explicit masks)
+    sq: dict[str, object]  # raw name -> squared coefficient dW_module/dvariable: float or tensor
+    dtype: torch.dtype
+    device: torch.device
+
+    def forward(self, diff: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        tensors = dict(self.fixed)
+        for k, v in diff.items():
+            tensors[k] = v * self.mult[k] if k in self.mult else v
+        out = functional_call(self.model, tensors, (x,))
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"model: must return a tensor, returned {type(out).__name__}")
+        if out.dim() == 0 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"model: output shape {tuple(out.shape)} has no batch dimension of size {x.shape[0]}")
+        return out.reshape(x.shape[0], -1)
+
+
+def _mask_info(model: nn.Module, raw: str):
+    """``(mask, scale, buffer name)`` of an awt mask parametrising the raw parameter ``raw``, else None."""
+    name = canonical_name(raw)
+    if name == raw:
+        return None
+    prefix, _, tensor = name.rpartition(".")
+    module = model.get_submodule(prefix) if prefix else model
+    try:
+        info = get_mask(module, tensor)
+    except ValueError:  # a foreign parametrisation: its raw tensor is an ordinary variable
+        return None
+    if info is None:
+        return None
+    buf = (f"{prefix}." if prefix else "") + f"parametrizations.{tensor}.0.mask"
+    return info[0], info[1], buf
+
+
+def _prepare(model, params, mask, mask_mode, dtype) -> _Problem:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    named = dict(model.named_parameters())
+    canon_to_raw = {canonical_name(r): r for r in named}
+    if params is None:
+        values = {r: p for r, p in named.items() if p.requires_grad}
+    else:
+        if not isinstance(params, Mapping):
+            raise TypeError(f"params: expected a dict of parameter name -> tensor, got {type(params).__name__}")
+        values = {}
+        for k, v in params.items():
+            r = k if k in named else canon_to_raw.get(k)
+            if r is None:
+                raise ValueError(f"params: key {k!r} is not a parameter of the model")
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"params: entry {k!r} must be a tensor, got {type(v).__name__}")
+            if v.shape != named[r].shape:
+                raise ValueError(f"params: entry {k!r} has shape {tuple(v.shape)}, "
+                                 f"the model's parameter has shape {tuple(named[r].shape)}")
+            values[r] = v
+    if not values:
+        raise ValueError("params: no parameter to differentiate (the model has no trainable parameter)")
+    first = next(iter(values.values()))
+    if dtype is None:
+        dtype = first.dtype
+    elif not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: got {dtype!r}; expected a floating torch.dtype or None")
+    if not dtype.is_floating_point:
+        raise ValueError(f"params: parameters have dtype {dtype}; pass dtype= a floating dtype")
+    device = first.device
+
+    marg: dict[str, torch.Tensor] = {}
+    if mask is not None:
+        for name, m in validate_mask({canonical_name(r): p for r, p in named.items()}, mask).items():
+            marg[canon_to_raw[name]] = m.to(device=named[canon_to_raw[name]].device)
+    pinfo = {r: info for r in named if (info := _mask_info(model, r)) is not None}
+    ntt = mask_mode == "ntt"
+
+    def keep_of(r):
+        ks = [t for t in (marg.get(r), pinfo[r][0] if r in pinfo else None) if t is not None]
+        return ks[0] if len(ks) == 1 else (ks[0] & ks[1] if ks else None)
+
+    def cast(t):
+        return t.detach().to(dtype) if t.is_floating_point() else t.detach()
+
+    fixed: dict[str, torch.Tensor] = {}
+    for r, p in named.items():
+        if r in values:
+            continue
+        t = cast(p)
+        keep = keep_of(r) if ntt else marg.get(r)
+        if keep is not None:  # forward at the masked point m ⊙ θ
+            t = torch.where(keep, t, t.new_zeros(()))
+        fixed[r] = t
+    for b, buf in model.named_buffers():
+        if buf.is_floating_point() and buf.dtype != dtype:
+            fixed[b] = buf.detach().to(dtype)
+    if ntt:  # the parametrisation's mask becomes all-True: W = s·w with w = m ⊙ θ held as the variable
+        for r, (m, _, buf) in pinfo.items():
+            fixed[buf] = torch.ones_like(m)
+
+    diff, mult, sq = {}, {}, {}
+    for r, v in values.items():
+        t = cast(v)
+        scale = pinfo[r][1] if r in pinfo else 1.0
+        keep = keep_of(r)
+        if ntt:
+            diff[r] = t if keep is None else torch.where(keep, t, t.new_zeros(()))
+            sq[r] = scale * scale
+        else:
+            diff[r] = t
+            if r in marg:
+                mult[r] = marg[r].to(dtype)
+            sq[r] = scale * scale if keep is None else keep.to(dtype) * (scale * scale)
+    return _Problem(model, diff, fixed, mult, sq, dtype, device)
+
+
+def _prepare_x(x, name: str, prob: _Problem) -> torch.Tensor:
+    t = as_tensor(x, name)
+    if t.dim() < 1 or t.shape[0] < 1:
+        raise ValueError(f"{name}: expected a non-empty batch of shape (N, ...), got shape {tuple(t.shape)}")
+    check_finite(t, name)
+    return t.to(device=prob.device, dtype=prob.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Blocking
+# --------------------------------------------------------------------------------------------
+def _slices(n: int, size: int | None) -> list[slice]:
+    size = n if size is None else max(1, min(size, n))
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class _RowCache:
+    """Per-slice cache of row features (Jacobian rows): keeps the most recent slices while they
+    hold at most ``budget`` elements in all (and always the last two)."""
+
+    def __init__(self, fn: Callable[[slice], object], budget: int):
+        self.fn, self.budget, self.items = fn, budget, OrderedDict()
+
+    @staticmethod
+    def _numel(v) -> int:
+        if v is None:
+            return 0
+        if isinstance(v, dict):
+            return sum(t.numel() for t in v.values())
+        return sum(t.numel() for t in v) if isinstance(v, (list, tuple)) else v.numel()
+
+    def __call__(self, s: slice):
+        key = (s.start, s.stop)
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        val = self.fn(s)
+        self.items[key] = val
+        while len(self.items) > 2 and sum(self._numel(v) for v in self.items.values()) > self.budget:
+            self.items.popitem(last=False)
+        return val
+
+
+def _assemble(N1: int, N2: int, O: int, mode: str, sym: bool, bs: int | None,
+              block: Callable[[slice, slice], torch.Tensor], like: torch.Tensor,
+              omajor: bool = False) -> torch.Tensor:
+    """Tile the kernel from ``block(s1, s2)`` and return ``(N1, N2, O, O)`` (full) or ``(N1, N2)``.
+
+    Full-mode blocks are ``(b1, O, b2, O)``, or ``(O, b1, O, b2)`` with ``omajor`` (rows ordered
+    output-major, as autograd returns the signals); trace-mode blocks are ``(b1, b2)``. With
+    ``sym`` (x2 is x1) only blocks on and above the diagonal are computed; the others are
+    their transposes, ``Θ(x', x)[o', o] = Θ(x, x')[o, o']``.
+    """
+    perm, mirror = ((1, 3, 0, 2), (3, 1, 2, 0)) if omajor else ((0, 2, 1, 3), (2, 0, 3, 1))
+    s1s = _slices(N1, bs)
+    s2s = s1s if sym else _slices(N2, bs)
+    if len(s1s) == 1 and len(s2s) == 1:
+        blk = block(s1s[0], s2s[0])
+        return blk.permute(*perm).contiguous() if mode == "full" else blk
+    out = like.new_empty((N1, N2, O, O) if mode == "full" else (N1, N2))
+    for i, a in enumerate(s1s):
+        for j, b in enumerate(s2s):
+            if sym and j < i:
+                continue
+            blk = block(a, b)
+            if mode == "full":
+                out[a, b] = blk.permute(*perm)
+                if sym and j > i:
+                    out[b, a] = blk.permute(*mirror)
+            else:
+                out[a, b] = blk
+                if sym and j > i:
+                    out[b, a] = blk.T
+    return out
+
+
+def _finish(K: torch.Tensor, mode: str, O: int, N1: int, N2: int) -> torch.Tensor:
+    """Squeeze a single output: ``(N1, N2, 1, 1)`` -> ``(N1, N2)``, ``(N1, 1, 1)`` -> ``(N1,)``."""
+    if mode == "diagonal":
+        return K.reshape(N1) if O == 1 else K
+    return K.reshape(N1, N2) if O == 1 else K
+
+
+# --------------------------------------------------------------------------------------------
+# Structured path
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    module: nn.Module
+    name: str
+    kind: str  # "linear" | "conv"
+    w: str | None  # raw name of the differentiated weight, if any
+    b: str | None  # raw name of the differentiated bias, if any
+    gw: float
+    gb: float
+
+
+def _structured_layers(prob: _Problem) -> list[_Layer]:
+    model = prob.model
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    named = dict(model.named_parameters())
+    layers: dict[str, _Layer] = {}
+    for raw in prob.diff:
+        name = canonical_name(raw)
+        prefix, _, tensor = name.rpartition(".")
+        module = model.get_submodule(prefix) if prefix else model
+        where = f"parameter {canonical_name(raw)!r}"
+        if isinstance(module, nn.Linear) and type(module).forward in _LINEAR_FORWARDS:
+            kind = "linear"
+        elif isinstance(module, nn.Conv2d) and type(module).forward in _CONV_FORWARDS:
+            kind = "conv"
+            if module.groups != 1 or module.padding_mode != "zeros":
+                raise _Unsupported(f"{where}: Conv2d with groups != 1 or padding_mode != 'zeros'")
+        else:
+            raise _Unsupported(f"{where} belongs to {type(module).__name__}, not an nn.Linear/nn.Conv2d "
+                               "with a standard forward")
+        if tensor not in ("weight", "bias"):
+            raise _Unsupported(f"{where} is neither the weight nor the bias of its layer")
+        if raw != name and _mask_info(model, raw) is None:
+            raise _Unsupported(f"{where} carries a parametrisation other than an awt mask")
+        if owners.get(id(named[raw]), 1) > 1:
+            raise _Unsupported(f"{where} is shared by several modules")
+        gw, gb = getattr(module, "weight_gain", 1.0), getattr(module, "bias_gain", 1.0)
+        if not all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in (gw, gb)):
+            raise _Unsupported(f"{where}: weight_gain/bias_gain are not numbers")
+        lay = layers.setdefault(prefix, _Layer(module, prefix, kind, None, None, float(gw), float(gb)))
+        setattr(lay, "w" if tensor == "weight" else "b", raw)
+    return list(layers.values())
+
+
+def _sq_simplify(sq):
+    """A squared-coefficient tensor that is constant collapses to a float (the dense fast path)."""
+    if isinstance(sq, torch.Tensor):
+        first = sq.reshape(-1)[0]
+        if bool((sq == first).all()):
+            return float(first)
+    return sq
+
+
+@dataclass
+class _Gram:
+    """Single-position layer: input ``h (N, K)``, signals ``d (O, N, C)`` (output-major, as
+    autograd returns them), squared coefficients."""
+    h: torch.Tensor | None
+    d: torch.Tensor
+    sq_w: object  # None | float | (C, K)
+    sq_b: object  # None | float | (C,)
+    _mats: dict = field(default_factory=dict)
+
+    def mat(self, s: slice) -> torch.Tensor:
+        """``(O * r, C)``: the signals of rows ``s``, rows ordered (o, n); one copy per slice."""
+        if s.start == 0 and s.stop == self.d.shape[1]:
+            return self.d.reshape(-1, self.d.shape[2])
+        key = (s.start, s.stop)
+        if key not in self._mats:
+            self._mats[key] = self.d[:, s].reshape(-1, self.d.shape[2])
+        return self._mats[key]
+
+
+@dataclass
+class _Jac:
+    """Layer with several positions (conv, or Linear on (N, P, K)): explicit per-layer Jacobians."""
+    dls: list[torch.Tensor]  # O x (N, C, P): the signals of each output
+    hl: torch.Tensor | None  # (N, K, P): the layer's input patches (im2col)
+    cw: object  # None | float | (K, C): g_w · sqrt(squared mask coefficient), transposed
+    cb: object  # None | float | (C,)
+
+    def parts(self, s: slice) -> list[torch.Tensor]:
+        """``[(O, r, K*C), (O, r, C)]``: rows ``s`` of ``∂f_o/∂Wᵀ = g_w Σ_pos h(pos) ⊗ δ_o(pos)`` and of
+        ``∂f_o/∂b = g_b Σ_pos δ_o(pos)``, times the mask coefficients. (The weight Jacobian is kept
+        transposed, ``(K, C)``: a Gram matrix does not depend on the order of its inner dimension.)"""
+        O, C = len(self.dls), self.dls[0].shape[1]
+        r = s.stop - s.start
+        out = []
+        if self.hl is not None:
+            h = self.hl[s]
+            K = h.shape[1]
+            Jw = h.new_empty((O, r, K, C))
+            for o in range(O):
+                torch.bmm(h, self.dls[o][s].transpose(1, 2), out=Jw[o])
+            if isinstance(self.cw, torch.Tensor) or self.cw != 1.0:
+                Jw.mul_(self.cw)
+            out.append(Jw.view(O, r, K * C))
+        if self.cb is not None:
+            Jb = torch.stack([d[s].sum(-1) for d in self.dls])
+            out.append(Jb.mul_(self.cb) if isinstance(self.cb, torch.Tensor) or self.cb != 1.0 else Jb)
+        return out
+
+    @property
+    def width(self) -> int:
+        C = self.dls[0].shape[1]
+        return (C * self.hl.shape[1] if self.hl is not None else 0) + (C if self.cb is not None else 0)
+
+
+@dataclass
+class _Features:
+    N: int
+    O: int
+    grams: list[_Gram] = field(default_factory=list)
+    jacs: list[_Jac] = field(default_factory=list)
+    layout: list[tuple] = field(default_factory=list)  # (layer, kind, widths): must agree for x1 and x2
+
+    def jac_parts(self, s: slice) -> list[torch.Tensor]:
+        return [p for j in self.jacs for p in j.parts(s)]
+
+    @property
+    def jac_width(self) -> int:
+        return sum(j.width for j in self.jacs)
+
+
+def _conv_patches(module: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
+    """im2col: ``(N, C_in, H, W)`` -> ``(N, C_in k k, P)`` in the order of ``weight.reshape(C_out, -1)``."""
+    if isinstance(module.padding, str):
+        if module.padding == "same":
+            h = F.pad(h, module._reversed_padding_repeated_twice)
+        padding = 0
+    else:
+        padding = module.padding
+    return F.unfold(h, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+
+
+def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+
+def _signals(out: torch.Tensor, es: list[torch.Tensor], looped: bool) -> list:
+    """``δ_o = ∂f_o/∂e`` for every output ``o``: per ``e``, an ``(O, *e.shape)`` tensor (batched) or a
+    list of ``O`` tensors of ``e``'s shape (looped); either way ``sig[o]`` is ``δ_o``.
+
+    One backward pass batched over the ``O`` cotangents (``is_grads_batched``, a vmap), or, with
+    ``looped``, ``O`` ordinary backward passes whose results are kept as they come: on CPU the
+    convolution and pooling backward kernels have no batching rule, and vmap's fallback loop and
+    stacking (fresh, page-faulting memory) are slower than the plain loop.
+    """
+    N, O = out.shape
+    if not out.requires_grad:
+        return [[torch.zeros_like(e) for _ in range(O)] for e in es]
+    if not looped:
+        basis = torch.eye(O, dtype=out.dtype, device=out.device).unsqueeze(1).expand(O, N, O).contiguous()
+        grads = torch.autograd.grad(out, es, grad_outputs=basis, is_grads_batched=True, allow_unused=True)
+        return [torch.zeros((O,) + e.shape, dtype=e.dtype, device=e.device) if g is None else g
+                for g, e in zip(grads, es)]
+    res: list[list[torch.Tensor]] = [[] for _ in es]
+    for o in range(O):
+        ct = torch.zeros_like(out)
+        ct[:, o] = 1
+        grads = torch.autograd.grad(out, es, grad_outputs=ct, retain_graph=o < O - 1, allow_unused=True)
+        for lst, g, e in zip(res, grads, es):
+            lst.append(torch.zeros_like(e) if g is None else g)
+    return res
+
+
+def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> _Features:
+    """One forward pass recording every layer's input, one (batched) backward pass for the signals.
+
+    Each hooked layer's output ``z`` is replaced by ``z + e`` with ``e = 0`` requiring grad,
+    so ``∂f_o/∂e = ∂f_o/∂z = δ_o`` even when nothing upstream requires grad; the hooks
+    are removed before returning (the model is left as it was).
+    """
+    N = x.shape[0]
+    recs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
+
+    def hook_for(i):
+        def hook(module, args, kwargs, output):
+            h = args[0] if args else kwargs["input"]
+            e = torch.zeros_like(output).requires_grad_(True)
+            recs[i].append((h.detach(), e))
+            return output + e
+        return hook
+
+    handles = [lay.module.register_forward_hook(hook_for(i), with_kwargs=True) for i, lay in enumerate(layers)]
+    try:
+        with torch.enable_grad():
+            out = prob.forward(prob.diff, x)
+    finally:
+        for hd in handles:
+            hd.remove()
+    O = out.shape[1]
+    for lay, rec in zip(layers, recs):
+        if not rec:
+            raise _Unsupported(f"layer {lay.name!r} was not called through its forward")
+        for h, e in rec:
+            if h.dim() < 2 or h.shape[0] != N or e.shape[0] != N:
+                raise _Unsupported(f"layer {lay.name!r} does not keep the batch in dimension 0")
+    es = [e for rec in recs for _, e in rec]
+    grads = _signals(out, es, looped=any(lay.kind == "conv" for lay in layers))
+
+    feats = _Features(N, O)
+    it = iter(grads)
+    for lay, rec in zip(layers, recs):
+        gs = [next(it) for _ in rec]  # per record: O tensors shaped like the layer's output
+        sq_w = None if lay.w is None else _sq_simplify(prob.sq[lay.w] * lay.gw ** 2)
+        sq_b = None if lay.b is None else _sq_simplify(prob.sq[lay.b] * lay.gb ** 2)
+        if lay.kind == "linear":
+            K, C = rec[0][0].shape[-1], rec[0][1].shape[-1]
+            hs = _cat([h.reshape(N, -1, K) for h, _ in rec], 1)  # (N, P, K)
+            if hs.shape[1] == 1:
+                g = gs[0]
+                d = g.reshape(O, N, C) if isinstance(g, torch.Tensor) else torch.stack([t.reshape(N, C) for t in g])
+                feats.layout.append((lay.name, "gram", (C,), (K,)))
+                feats.grams.append(_Gram(hs[:, 0] if lay.w is not None else None, d, sq_w, sq_b))
+                continue
+            hl = hs.transpose(1, 2)  # (N, K, P), a view
+            dls = [_cat([g[o].reshape(N, -1, C) for g in gs], 1).transpose(1, 2) for o in range(O)]  # (N, C, P)
+        else:
+            hl = _cat([_conv_patches(lay.module, h) for h, _ in rec], 2)  # (N, K, P)
+            dls = [_cat([g[o].reshape(N, g[o].shape[1], -1) for g in gs], 2) for o in range(O)]  # (N, C, P)
+        C = dls[0].shape[1]
+        cw = None if sq_w is None else (math.sqrt(sq_w) if isinstance(sq_w, float)
+                                        else sq_w.reshape(C, -1).sqrt().T.contiguous())  # (K, C)
+        cb = None if sq_b is None else (math.sqrt(sq_b) if isinstance(sq_b, float) else sq_b.sqrt())
+        feats.layout.append((lay.name, "jac", (C,), tuple(hl.shape[1:2])))
+        feats.jacs.append(_Jac(dls, hl if lay.w is not None else None, cw, cb))
+    return feats
+
+
+def _row_chunks(s: slice, per_row: int) -> list[slice]:
+    """Split a row slice so that one chunk's temporary holds at most ``_TEMP_ELEMS`` elements."""
+    r = max(1, _TEMP_ELEMS // max(per_row, 1))
+    return [slice(i, min(i + r, s.stop)) for i in range(s.start, s.stop, r)]
+
+
+def _masked_pairs(g1: _Gram, g2: _Gram, a: slice, b: slice):
+    """Yield ``(rows, S)`` with ``S[n1, n2, i] = Σ_j M²_ij h1_j h2_j + m_b,i²``, in row chunks."""
+    h2 = g2.h[b]
+    nb, K = h2.shape
+    O, _, C = g1.d.shape
+    for r in _row_chunks(a, nb * max(K, O * C)):
+        pairs = (g1.h[r].unsqueeze(1) * h2.unsqueeze(0)).reshape(-1, K)
+        S = (pairs @ g1.sq_w.T).view(r.stop - r.start, nb, C)
+        if g1.sq_b is not None:
+            S = S + g1.sq_b
+        yield r, S
+
+
+class _Acc:
+    """Accumulator of one ``(O, b1, O, b2)`` block: GEMMs write into it (or into one reused
+    scratch buffer) so that no layer allocates a fresh block-sized temporary."""
+
+    def __init__(self, shape: tuple[int, int, int, int], like: torch.Tensor):
+        self.t = like.new_empty(shape)
+        self.mat = self.t.view(shape[0] * shape[1], shape[2] * shape[3])
+        self.written = False
+        self._scratch: torch.Tensor | None = None
+
+    def gemm(self, A: torch.Tensor, B: torch.Tensor, coef=None) -> None:
+        """``acc += (A Bᵀ).view(O, b1, O, b2) * coef`` (``coef`` None, a float or ``(1, b1, 1, b2)``)."""
+        if coef is None:
+            if self.written:
+                self.mat.addmm_(A, B.T)
+            else:
+                torch.mm(A, B.T, out=self.mat)
+        elif not self.written:
+            torch.mm(A, B.T, out=self.mat)
+            self.t.mul_(coef)
+        else:
+            if self._scratch is None:
+                self._scratch = torch.empty_like(self.t)
+            torch.mm(A, B.T, out=self._scratch.view_as(self.mat))
+            if isinstance(coef, torch.Tensor):
+                self.t.addcmul_(self._scratch, coef)
+            else:
+                self.t.add_(self._scratch, alpha=coef)
+        self.written = True
+
+    def result(self) -> torch.Tensor:
+        return self.t if self.written else self.t.zero_()
+
+
+class _SymAcc(_Acc):
+    """Accumulator of the symmetric ``(O, N, O, N)`` kernel ``Θ(x, x)``: each product ``A Aᵀ`` is
+    computed only on the output-group tiles on and above the diagonal, ``(G + 1) / 2G`` of the
+    FLOPs for ``G`` groups of outputs; :meth:`assemble` mirrors the rest. Contributions added to
+    ``t`` directly (the masked path) may fill every tile; only the upper ones are read."""
+
+    def __init__(self, shape: tuple[int, int, int, int], like: torch.Tensor):
+        super().__init__(shape, like)
+        O, N = shape[0], shape[1]
+        g = -(-O // min(O, 5))
+        self.groups = [(o, min(o + g, O)) for o in range(0, O, g)]
+        self.N = N
+
+    def gemm(self, A: torch.Tensor, B: torch.Tensor, coef=None) -> None:
+        N, ON = self.N, self.mat.shape[0]
+        for a0, a1 in self.groups:
+            r0, r1 = a0 * N, a1 * N
+            dst = self.mat[r0:r1, r0:]
+            if coef is None:
+                if self.written:
+                    dst.addmm_(A[r0:r1], B[r0:].T)
+                else:
+                    torch.mm(A[r0:r1], B[r0:].T, out=dst)
+                continue
+            dst4 = self.t[a0:a1, :, a0:, :]
+            if not self.written:
+                torch.mm(A[r0:r1], B[r0:].T, out=dst)
+                dst4.mul_(coef)
+                continue
+            if self._scratch is None:
+                self._scratch = self.mat.new_empty(self.groups[0][1] * N * ON)
+            tmp = self._scratch[:(r1 - r0) * (ON - r0)].view(r1 - r0, ON - r0)
+            torch.mm(A[r0:r1], B[r0:].T, out=tmp)
+            tmp4 = tmp.view(a1 - a0, N, -1, N)
+            if isinstance(coef, torch.Tensor):
+                dst4.addcmul_(tmp4, coef)
+            else:
+                dst4.add_(tmp4, alpha=coef)
+        self.written = True
+
+    def assemble(self) -> torch.Tensor:
+        """``(N, N, O, O)`` from the upper output tiles: ``Θ[o2, n2, o1, n1] = Θ[o1, n1, o2, n2]``."""
+        t = self.result()
+        for o in range(t.shape[0] - 1):
+            t[o + 1:, :, o, :] = t[o, :, o + 1:, :].permute(1, 2, 0)
+        return t.permute(1, 3, 0, 2).contiguous()
+
+
+def _coef(g1: _Gram, g2: _Gram, a: slice, b: slice):
+    """``g_w² H H'ᵀ + g_b²`` for the unmasked parts of a layer (None if both are masked or absent)."""
+    coef = None
+    if g1.sq_w is not None and not isinstance(g1.sq_w, torch.Tensor):
+        coef = g1.sq_w * (g1.h[a] @ g2.h[b].T)
+    if isinstance(g1.sq_b, float) and not isinstance(g1.sq_w, torch.Tensor):
+        coef = g1.sq_b if coef is None else coef.add_(g1.sq_b)
+    return coef
+
+
+def _gram_full(g1: _Gram, g2: _Gram, a: slice, b: slice, acc: _Acc) -> None:
+    """Add a single-position layer's ``Θ_l[o1, n1, o2, n2]`` to the block accumulator."""
+    D1, D2 = g1.mat(a), g2.mat(b)  # (O n1, C), (O n2, C)
+    O, _, C = g1.d.shape
+    n1, n2 = a.stop - a.start, b.stop - b.start
+    coef = _coef(g1, g2, a, b)
+    if coef is not None:  # (Δ Δ'ᵀ) ⊙ (g_w² H H'ᵀ + g_b²)
+        acc.gemm(D1, D2, coef.view(1, n1, 1, n2) if isinstance(coef, torch.Tensor) else coef)
+    if isinstance(g1.sq_b, torch.Tensor) and not isinstance(g1.sq_w, torch.Tensor):  # masked bias
+        acc.gemm(D1 * g1.sq_b, D2)
+    if isinstance(g1.sq_w, torch.Tensor):  # Σ_i δ_i S_i δ'_i with S = M² (h ⊙ h') + m_b², per pair
+        written = acc.written
+        d2 = g2.d[:, b].transpose(0, 1).contiguous()  # (n2, O, C)
+        for r, S in _masked_pairs(g1, g2, a, b):
+            T = S.unsqueeze(2) * d2.unsqueeze(0)  # (r, n2, O, C): δ' scaled by S per pair
+            blk = torch.matmul(g1.d[:, r].transpose(0, 1), T.reshape(T.shape[0], n2 * O, C).transpose(1, 2))
+            blk = blk.view(-1, O, n2, O).permute(1, 0, 3, 2)  # (O, r, O, n2)
+            rr = slice(r.start - a.start, r.stop - a.start)
+            acc.t[:, rr].add_(blk) if written else acc.t[:, rr].copy_(blk)
+        acc.written = True
+
+
+def _gram_trace(g1: _Gram, g2: _Gram, a: slice, b: slice, acc: torch.Tensor) -> None:
+    """Add Σ_o Θ_l[:, :, o, o] of a single-position layer to ``acc (b1, b2)`` (divided by O later)."""
+    d1, d2 = g1.d[:, a], g2.d[:, b]  # (O, n1, C), (O, n2, C)
+    coef = _coef(g1, g2, a, b)
+    if coef is not None:
+        A = torch.bmm(d1, d2.transpose(1, 2)).sum(0)
+        acc.addcmul_(A, coef) if isinstance(coef, torch.Tensor) else acc.add_(A, alpha=coef)
+    if isinstance(g1.sq_b, torch.Tensor) and not isinstance(g1.sq_w, torch.Tensor):
+        acc.add_(torch.bmm(d1 * g1.sq_b, d2.transpose(1, 2)).sum(0))
+    if isinstance(g1.sq_w, torch.Tensor):
+        for r, S in _masked_pairs(g1, g2, a, b):
+            d1r = g1.d[:, r]
+            E = d1r[0].unsqueeze(1) * d2[0].unsqueeze(0)  # (r, n2, C): Σ_o δ_o,i δ'_o,i, accumulated
+            for o in range(1, d1r.shape[0]):
+                E.addcmul_(d1r[o].unsqueeze(1), d2[o].unsqueeze(0))
+            rr = slice(r.start - a.start, r.stop - a.start)
+            acc[rr].add_(E.mul_(S).sum(-1))
+
+
+def _gram_diag(g: _Gram, s: slice) -> torch.Tensor:
+    """``(r, O, O)``: the layer's ``Θ_l(x, x)`` for the rows ``s``."""
+    d = g.d[:, s].transpose(0, 1)  # (r, O, C)
+    dt = d.transpose(1, 2)
+    if isinstance(g.sq_w, torch.Tensor):
+        h = g.h[s]
+        w = (h * h) @ g.sq_w.T
+        if g.sq_b is not None:
+            w = w + g.sq_b
+        return torch.bmm(d * w.unsqueeze(1), dt)
+    G = None
+    coef = None
+    if g.sq_w is not None:
+        h = g.h[s]
+        coef = g.sq_w * (h * h).sum(1)
+    if isinstance(g.sq_b, float):
+        coef = g.sq_b if coef is None else coef + g.sq_b
+    if coef is not None:
+        G = torch.bmm(d, dt) * (coef.view(-1, 1, 1) if isinstance(coef, torch.Tensor) else coef)
+    if isinstance(g.sq_b, torch.Tensor):
+        Gb = torch.bmm(d * g.sq_b, dt)
+        G = Gb if G is None else G + Gb
+    return G
+
+
+def _structured(prob: _Problem, layers: list[_Layer], x1: torch.Tensor, x2: torch.Tensor | None,
+                mode: str, bs: int | None) -> torch.Tensor:
+    sym = x2 is None
+    F1 = _trace(prob, layers, x1)
+    F2 = F1 if sym else _trace(prob, layers, x2)
+    N1, N2, O = F1.N, F2.N, F1.O
+    if O != F2.O:
+        raise ValueError(f"x2: the model gives {F2.O} outputs on x2 but {F1.O} on x1")
+    if F1.layout != F2.layout:
+        raise _Unsupported("the layers are used differently on x1 and on x2")
+    Q = F1.jac_width
+    if Q:  # explicit-Jacobian layers: bound the rows of one block of Jacobian features
+        cap = max(1, _JAC_ELEMS // 8 // (O * Q))
+        bs = cap if (bs is None and max(N1, N2) > cap) else (min(bs, cap) if bs is not None else None)
+    if sym and bs is None and mode == "full" and O == 1 and N1 >= _SYM_SPLIT_ROWS[0]:
+        # Θ(x, x) is symmetric: computing the blocks on and above the diagonal of a k x k
+        # tiling costs (k + 1) / 2k of the GEMM FLOPs (several outputs: see _SymAcc)
+        bs = -(-N1 // (2 if N1 < _SYM_SPLIT_ROWS[1] else 3))
+    J1 = _RowCache(F1.jac_parts, _JAC_ELEMS // 4)
+    J2 = J1 if sym else _RowCache(F2.jac_parts, _JAC_ELEMS // 4)
+
+    if mode == "diagonal":
+        parts = []
+        for s in _slices(N1, bs):
+            G = None
+            for g in F1.grams:
+                Gg = _gram_diag(g, s)
+                G = Gg if G is None else G.add_(Gg)
+            for J in J1(s):
+                Jt = J.transpose(0, 1)  # (r, O, w)
+                Gj = torch.bmm(Jt, Jt.transpose(1, 2))
+                G = Gj if G is None else G.add_(Gj)
+            parts.append(G)
+        return _finish(_cat(parts, 0), mode, O, N1, N1)
+
+    like = x1
+
+    def block(a: slice, b: slice, acc_type: type = _Acc) -> torch.Tensor | _Acc:
+        n1, n2 = a.stop - a.start, b.stop - b.start
+        if mode == "full":
+            acc = acc_type((O, n1, O, n2), like)
+            for g1, g2 in zip(F1.grams, F2.grams):
+                _gram_full(g1, g2, a, b, acc)
+            for A, B in zip(J1(a), J2(b)):
+                acc.gemm(A.reshape(O * n1, -1), B.reshape(O * n2, -1))
+            return acc if acc_type is _SymAcc else acc.result()
+        acc = like.new_zeros((n1, n2))
+        for g1, g2 in zip(F1.grams, F2.grams):
+            _gram_trace(g1, g2, a, b, acc)
+        for A, B in zip(J1(a), J2(b)):
+            acc.add_(torch.bmm(A, B.transpose(1, 2)).sum(0))
+        return acc.div_(O)
+
+    if sym and mode == "full" and bs is None and O > 1:
+        return block(slice(0, N1), slice(0, N1), _SymAcc).assemble()
+    K = _assemble(N1, N2, O, mode, sym, bs, block, like, omajor=True)
+    return _finish(K, mode, O, N1, N2)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (Jacobian contraction) and NTK-vector products
+# --------------------------------------------------------------------------------------------
+def _jacobian_fn(prob: _Problem) -> Callable[[torch.Tensor], dict[str, torch.Tensor]]:
+    def f1(diff, xi):
+        return prob.forward(diff, xi.unsqueeze(0)).reshape(-1)
+
+    jac = vmap(jacrev(f1), in_dims=(None, 0))
+
+    def rows(x):  # {raw name: (n, O, numel)}
+        J = jac(prob.diff, x)
+        return {k: v.reshape(x.shape[0], v.shape[1], -1) for k, v in J.items()}
+    return rows
+
+
+def _jacobian(prob: _Problem, x1, x2, mode: str, bs: int | None, O: int) -> torch.Tensor:
+    sym = x2 is None
+    xs2 = x1 if sym else x2
+    N1, N2 = x1.shape[0], xs2.shape[0]
+    P = sum(v.numel() for v in prob.diff.values())
+    cap = max(1, _JAC_ELEMS // 2 // (O * P))
+    if max(N1, N2) > cap:
+        bs = cap if bs is None else min(bs, cap)
+    rows = _jacobian_fn(prob)
+    R1 = _RowCache(lambda s: rows(x1[s]), _JAC_ELEMS)
+    R2 = R1 if sym else _RowCache(lambda s: rows(xs2[s]), _JAC_ELEMS)
+
+    if mode == "diagonal":
+        parts = []
+        for s in _slices(N1, bs):
+            J = R1(s)
+            parts.append(sum(torch.bmm(v, v.transpose(1, 2)) for v in J.values()))
+        return _finish(_cat(parts, 0), mode, O, N1, N1)
+
+    def block(a, b):
+        A, B = R1(a), R2(b)
+        n1, n2 = a.stop - a.start, b.stop - b.start
+        if mode == "full":
+            return sum((A[k].reshape(n1 * O, -1) @ B[k].reshape(n2 * O, -1).T) for k in A).view(n1, O, n2, O)
+        return sum(A[k].reshape(n1, -1) @ B[k].reshape(n2, -1).T for k in A) / O
+
+    return _finish(_assemble(N1, N2, O, mode, sym, bs, block, x1), mode, O, N1, N2)
+
+
+def _jvp(prob: _Problem, x1, x2, mode: str, bs: int | None, O: int, act: int) -> torch.Tensor:
+    """``Θ[:, n2, :, o2] = J(x1) (J(x2_n2)ᵀ e_o2)``: a vjp at one example, then a jvp over the block."""
+    sym = x2 is None
+    xs2 = x1 if sym else x2
+    N1, N2 = x1.shape[0], xs2.shape[0]
+    P = sum(v.numel() for v in prob.diff.values())
+    eye = torch.eye(O, dtype=prob.dtype, device=prob.device)
+
+    def single(d, xi):
+        return prob.forward(d, xi.unsqueeze(0)).reshape(-1)
+
+    def cotangent(xi, ct):
+        _, pull = vjp(lambda d: single(d, xi), prob.diff)
+        return pull(ct)[0]
+
+    if mode == "diagonal":
+        def one(xi):
+            _, pull = vjp(lambda d: single(d, xi), prob.diff)
+
+            def col(ct):
+                return jvp(lambda d: single(d, xi), (prob.diff,), (pull(ct)[0],))[1]
+            return vmap(col)(eye).T  # (o1, o2)
+
+        chunk = max(1, _JVP_ELEMS // max(O * (P + act), 1))
+        parts = [vmap(one, chunk_size=chunk)(x1[s]) for s in _slices(N1, bs)]
+        return _finish(_cat(parts, 0), mode, O, N1, N1)
+
+    def block(a, b):
+        xa, xb = x1[a], xs2[b]
+        n1, n2 = xa.shape[0], xb.shape[0]
+
+        def col(xi, ct):
+            v = cotangent(xi, ct)
+            return jvp(lambda d: prob.forward(d, xa), (prob.diff,), (v,))[1]  # (n1, O)
+
+        xs = xb.repeat_interleave(O, 0)
+        cts = eye.repeat(n2, 1)
+        chunk = max(1, _JVP_ELEMS // max(P + n1 * act, 1))
+        cols = vmap(col, chunk_size=chunk)(xs, cts)  # ((n2, o2), n1, o1)
+        K = cols.view(n2, O, n1, O).permute(2, 3, 0, 1)  # (n1, o1, n2, o2)
+        if mode == "full":
+            return K
+        return torch.diagonal(K, dim1=1, dim2=3).mean(-1)
+
+    return _finish(_assemble(N1, N2, O, mode, sym, bs, block, x1), mode, O, N1, N2)
+
+
+def _probe(prob: _Problem, x: torch.Tensor) -> tuple[int, int, int]:
+    """``(O, forward FLOPs, activation elements)`` of one example, from one instrumented forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class _Count(TorchDispatchMode):
+        elems = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                _Count.elems += out.numel()
+            return out
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc, _Count():
+        out = prob.forward(prob.diff, x[:1])
+    return out.shape[1], int(fc.get_total_flops()), int(_Count.elems)
+
+
+def _cheaper(prob: _Problem, N1: int, N2: int, O: int, flops: int, mode: str) -> str:
+    """Pick "jacobian" or "jvp" by a FLOP model (per-example backward ≈ 2 forwards, jvp ≈ 3).
+
+    jacobian: 3 F O (N1 + N2) + 2 N1 N2 O^a P   (a = 2 full, 1 trace; diagonal: 2 N O² P)
+    jvp:      N2 O (3 F + 3 F N1)               (diagonal: 6 N O F)
+    """
+    P = sum(v.numel() for v in prob.diff.values())
+    Fl = max(flops, 2 * P)
+    if mode == "diagonal":
+        jac, jv = 3 * Fl * O * N1 + 2 * N1 * O * O * P, 6 * N1 * O * Fl
+    else:
+        jac = 3 * Fl * O * (N1 + N2) + 2 * N1 * N2 * (O * O if mode == "full" else O) * P
+        jv = N2 * O * (3 * Fl + 3 * Fl * N1)
+    return "jvp" if jv < jac else "jacobian"
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+def empirical_ntk(model: nn.Module, x1, x2=None, *, params: Mapping[str, torch.Tensor] | None = None,
+                  mask: Mapping[str, torch.Tensor] | None = None, mask_mode: str = "subnetwork",
+                  mode: str = "full", method: str = "auto", block_size: int | None = None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Empirical NTK ``Θ̂(x1, x2) = J(x1) Jᵀ(x2)`` of ``model`` (THEORY.md §B.3).
+
+    Args:
+        model: any ``nn.Module`` mapping ``(N, ...)`` to ``(N,)`` or ``(N, O)`` (further output
+            dimensions are flattened into ``O``). Never mutated: it is called through
+            ``torch.func.functional_call``; hooks used by ``"structured"`` are removed again.
+        x1, x2: input batches ``(N1, ...)``, ``(N2, ...)`` with the same feature shape; ``x2=None``
+            means ``x2 = x1`` (and exploits the symmetry). Cast to the kernel dtype and moved
+            to the parameters' device. Must be finite.
+        params: the parameters to differentiate, ``{name: tensor}`` (names of
+            ``model.named_parameters()``, or canonical names for masked models); the other
+            parameters are held at the model's values. Default: every parameter with
+            ``requires_grad``.
+        mask: ``{name: BoolTensor}``, True = kept (:mod:`ntk_theory.masks`); the forward pass is
+            at ``m ⊙ θ``.
+        mask_mode: ``"subnetwork"``: ``J(m⊙θ) diag(m) J(m⊙θ)ᵀ`` (the sub-network's NTK);
+            ``"ntt"``: ``J(m⊙θ) J(m⊙θ)ᵀ`` (dense architecture at the masked weights, as NTT).
+        mode: ``"full"`` -> ``(N1, N2, O, O)``, ``Θ[n1, n2, o1, o2] = ∂f_o1(x1_n1)·∂f_o2(x2_n2)``
+            (``(N1, N2)`` for one output); ``"trace"`` -> ``(N1, N2)``, ``(1/O) Σ_o Θ[:, :, o, o]``,
+            the estimate of the scalar infinite-width kernel; ``"diagonal"`` -> ``(N1, O, O)``
+            (``(N1,)`` for one output), ``Θ(x, x)`` for each ``x`` in ``x1`` only (``x2`` must be None).
+        method: ``"structured"`` (per-layer factorisation; ``nn.Linear``/``nn.Conv2d`` parameters
+            only), ``"jacobian"`` (vmap(jacrev) and contraction, the reference), ``"jvp"``
+            (NTK-vector products), ``"auto"`` (structured when it applies, else the cheaper of
+            the other two by a FLOP model).
+        block_size: compute the kernel in blocks of ``block_size`` rows and columns (bounded
+            memory for large N); the result equals the unblocked one.
+        dtype: kernel dtype; default the dtype of the (first) differentiated parameter.
+
+    Returns:
+        The kernel as described under ``mode``, in ``dtype`` on the parameters' device.
+
+    Raises:
+        ValueError naming the argument for unknown ``mode``/``method``/``mask_mode``, invalid
+        masks, mismatching or non-finite inputs, or ``method="structured"`` on a model it
+        cannot handle. TypeError for arguments of the wrong type.
+
+    Cost of ``"structured"`` for an MLP with widths ``n_l``: ``Σ_l 2 (N O)² n_l + 2 N² n_{l-1}``
+    FLOPs in full mode (``O`` times less in trace mode); with a mask a layer costs
+    ``2 N² n_l n_{l-1}`` more. Convolutions cost ``2 (N O)² C_out C_in k²``.
+    """
+    check_choice(mode, "mode", MODES)
+    check_choice(method, "method", METHODS)
+    check_choice(mask_mode, "mask_mode", MASK_MODES)
+    if block_size is not None:
+        check_int(block_size, "block_size", minimum=1)
+    prob = _prepare(model, params, mask, mask_mode, dtype)
+    if x2 is x1:
+        x2 = None
+    x1 = _prepare_x(x1, "x1", prob)
+    if x2 is not None:
+        if mode == "diagonal":
+            raise ValueError("x2: mode='diagonal' computes Θ(x, x) for each x in x1; pass x2=None")
+        x2 = _prepare_x(x2, "x2", prob)
+        if x2.shape[1:] != x1.shape[1:]:
+            raise ValueError(f"x2: feature shape {tuple(x2.shape[1:])} does not match x1's {tuple(x1.shape[1:])}")
+
+    if method in ("auto", "structured"):
+        try:
+            return _structured(prob, _structured_layers(prob), x1, x2, mode, block_size)
+        except _Unsupported as exc:
+            if method == "structured":
+                raise ValueError(f"method: 'structured' does not apply to this model ({exc}); "
+                                 "use 'jacobian', 'jvp' or 'auto'") from None
+    O, flops, act = _probe(prob, x1)
+    if method == "auto":
+        method = _cheaper(prob, x1.shape[0], x1.shape[0] if x2 is None else x2.shape[0], O, flops, mode)
+    if method == "jacobian":
+        return _jacobian(prob, x1, x2, mode, block_size, O)
+    with warnings.catch_warnings():  # torch's first forward-mode AD call scripts its decompositions
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+        return _jvp(prob, x1, x2, mode, block_size, O, act)
