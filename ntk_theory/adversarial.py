@@ -39,7 +39,7 @@ from .attacks import pgd
 from .dynamics import gradient_flow_mse, linearize, loss_scale
 from .empirical import empirical_ntk
 from .infinite import KernelFn
-from .masks import validate_mask
+from .masks import canonical_name, validate_mask
 
 __all__ = ["KernelRegressor", "AdversarialKernels", "adversarial_ntk", "ATTrajectory",
            "adversarial_kernel_training"]
@@ -136,10 +136,11 @@ def _attack_fn(attack: Attack | None, eps: float, norm: str, steps: int, alpha: 
 def _masked_forward(model: nn.Module, mask: Mapping[str, torch.Tensor] | None) -> Callable:
     if mask is None:
         return model
-    mask = validate_mask(model, mask)
-    params = dict(model.named_parameters())
-    masked = {k: (torch.where(mask[k].to(p.device), p, p.new_zeros(())) if k in mask else p).detach()
-              for k, p in params.items()}
+    mask = validate_mask(model, mask)            # canonical names ("0.weight")
+    masked = {}
+    for raw, p in model.named_parameters():      # raw names ("0.parametrizations.weight.original" if masked)
+        m = mask.get(canonical_name(raw))
+        masked[raw] = (p if m is None else torch.where(m.to(p.device), p, p.new_zeros(()))).detach()
     return lambda x: functional_call(model, masked, (x,))
 
 

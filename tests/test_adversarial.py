@@ -76,6 +76,20 @@ def test_adversarial_ntk_infinite_and_finite():
         assert ((fm(b.x_adv) - y[:, None]) ** 2).sum() > ((fm(x) - y[:, None]) ** 2).sum()
 
 
+def test_adversarial_ntk_on_a_model_with_an_applied_mask():
+    import copy
+    from ntk_theory.masks import apply_mask
+    x, y, g = _data(8, 4)
+    net = finite_mlp(4, 32, 2, 1, sigma_b=0.1, generator=g)
+    m1 = random_mask(net, 0.5, generator=torch.Generator().manual_seed(1))
+    m2 = random_mask(net, 0.5, generator=torch.Generator().manual_seed(2))
+    masked = apply_mask(copy.deepcopy(net), m1)
+    a = adversarial_ntk(masked, x, y[:, None], eps=0.05, steps=3, generator=torch.Generator().manual_seed(0), mask=m2)
+    both = {k: m1[k] & m2[k] for k in m1}
+    b = adversarial_ntk(net, x, y[:, None], eps=0.05, steps=3, generator=torch.Generator().manual_seed(0), mask=both)
+    assert torch.allclose(a.x_adv, b.x_adv) and torch.allclose(a.k_adv_adv, b.k_adv_adv, rtol=1e-10)
+
+
 def test_kernel_training_without_attack_is_kernel_gradient_descent():
     x, y, g = _data()
     xt = torch.rand(4, 5, generator=g, dtype=f64)

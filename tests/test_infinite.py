@@ -440,3 +440,21 @@ def test_identical_inputs_in_different_tensors_are_exact(net):
         deep = serial(*k.layers[:-1], Dense(sigma_b=0.1), Relu(), Dense())
         a, b = deep(x1, x2).ntk, deep(x1).ntk
         assert torch.allclose(a[perm, range(6)], b.diagonal()[perm], rtol=1e-14, atol=0)
+
+
+@given(seed=st.integers(0, 10_000), depth=st.integers(0, 4), sw=st.floats(0.5, 2.0),
+       act=st.sampled_from(["relu", "leaky_relu", "identity"]), q=st.floats(0.05, 1.0), n2=st.integers(1, 9))
+def test_homogeneous_fast_path_equals_general_recursion(seed, depth, sw, act, q, n2):
+    # sigma_b = 0 with ABReLU-family activations takes a factorised forward path; with input
+    # gradients requested the general (tolerant-backward) path runs: both must agree.
+    k = mlp(depth, act, sigma_w=sw, density=q, rescale=False, alpha=0.2)
+    assert k._plan is not None
+    x1, x2 = _inputs(seed, 7, 5), _inputs(seed + 1, n2, 5)
+    x2[0] = x1[3]                                            # an exact duplicate across tensors
+    fast, fast_sym = k(x1, x2), k(x1, batch_size=3)
+    general = k(x1.clone().requires_grad_(), x2)
+    general_sym = k(x1.clone().requires_grad_(), batch_size=3)
+    for a, b in ((fast.ntk, general.ntk), (fast.nngp, general.nngp), (fast_sym.ntk, general_sym.ntk)):
+        assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-300)
+    assert torch.equal(fast_sym.ntk, fast_sym.ntk.T)
+    assert mlp(max(depth, 1), "erf")._plan is None and mlp(depth, sigma_b=0.1)._plan is None
