@@ -41,3 +41,41 @@ def test_cntk_3conv_N64_12x12(benchmark, images, readout):
     k = serial(Conv(3), Relu(), Conv(3), Relu(), Conv(3), Relu(), readout(), Dense())
     out = benchmark.pedantic(k, args=(images,), rounds=3 if readout is GlobalAvgPool else 10, warmup_rounds=1)
     assert out.ntk.shape == (64, 64)
+
+
+_PEAK_SCRIPT = r"""
+import sys, torch
+from ntk_theory.infinite import mlp
+n, bs = int(sys.argv[1]), int(sys.argv[2])
+x = torch.randn(n, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+k = mlp(4)
+k(x[:8])                                   # warm-up: allocator and kernels
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+open("/proc/self/clear_refs", "w").write("5")
+r0 = status("VmRSS")
+ntk = k(x, get="ntk", batch_size=bs)
+print(status("VmHWM") - r0, ntk.numel() * 8 / 2 ** 20)
+"""
+
+
+@pytest.mark.parametrize("n", [5000, 20000])
+def test_mlp_peak_memory_is_the_output(benchmark, n):
+    """Peak memory of a blocked N x N NTK (MiB, in a fresh process) against the output's own size.
+
+    The blocks add O(batch_size^2) working memory, so the peak stays close to the N^2 result.
+    """
+    import subprocess
+    import sys
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(n), "384"], capture_output=True, text=True,
+                             check=True).stdout.split()
+        return float(out[0]), float(out[1])
+
+    peak, result = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info.update(peak_mib=round(peak, 1), output_mib=round(result, 1))
+    print(f"\nN={n}: peak {peak:.0f} MiB for an output of {result:.0f} MiB")
+    assert peak < result + 200

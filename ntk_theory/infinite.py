@@ -665,21 +665,20 @@ class KernelFn:
         if n1 <= bs and n2 <= bs:
             nngp, ntk = self._block(x1, x2, want_ntk, sym, fast)
         else:
-            nngp = x1.new_empty((n1, n2))
-            ntk = x1.new_empty((n1, n2)) if want_ntk else None
+            # only the requested kernels are stored: the peak is the output plus O(bs^2) per block
+            outs = {g: x1.new_empty((n1, n2)) for g in gets}
             for i in range(0, n1, bs):
                 for j in range(0, n2, bs):
                     if sym and j < i:
                         continue
                     b1, b2 = x1[i:i + bs], x2[j:j + bs]
                     kn, kt = self._block(b1, b1 if (sym and i == j) else b2, want_ntk, sym and i == j, fast)
-                    nngp[i:i + bs, j:j + bs] = kn
-                    if want_ntk:
-                        ntk[i:i + bs, j:j + bs] = kt
-                    if sym and j > i:
-                        nngp[j:j + bs, i:i + bs] = kn.T
-                        if want_ntk:
-                            ntk[j:j + bs, i:i + bs] = kt.T
+                    for g, blk in (("nngp", kn), ("ntk", kt)):
+                        if g in outs:
+                            outs[g][i:i + bs, j:j + bs] = blk
+                            if sym and j > i:
+                                outs[g][j:j + bs, i:i + bs] = blk.T
+            nngp, ntk = outs.get("nngp"), outs.get("ntk")
         out = Kernels(nngp=nngp if "nngp" in gets else None, ntk=ntk if want_ntk else None)
         return getattr(out, gets[0]) if single else out
 

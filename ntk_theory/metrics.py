@@ -62,7 +62,7 @@ def _pair(k1, k2, square: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _nonzero(norm: torch.Tensor, name: str) -> None:
-    if float(norm) == 0.0:
+    if float(norm.detach()) == 0.0:
         raise ValueError(f"{name}: has zero norm; the metric is undefined")
 
 
