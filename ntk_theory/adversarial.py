@@ -41,7 +41,7 @@ from .empirical import empirical_ntk
 from .infinite import KernelFn
 from .masks import canonical_name, validate_mask
 
-__all__ = ["KernelRegressor", "AdversarialKernels", "adversarial_ntk", "ATTrajectory",
+__all__ = ["KernelRegressor", "AdvNTKPredictor", "AdversarialKernels", "adversarial_ntk", "ATTrajectory",
            "adversarial_kernel_training"]
 
 Attack = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
@@ -100,6 +100,59 @@ class KernelRegressor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.kernel_fn(x.to(torch.float64), self.x_train, get=self.get) @ self.coef
+        return out[:, 0] if self.squeeze else out
+
+
+class AdvNTKPredictor(nn.Module):
+    r"""Adv-NTK closed-form predictor with per-sample training times (Fu & Wang, ICLR 2024; THEORY.md §B.6).
+
+    .. math:: f_\varpi(x) = \Theta(x, X)\,\Theta^{-1}\big(I - e^{-\Theta\,\mathrm{diag}(|\varpi|)}\big)\,Y
+
+    (infinite-width ensemble mean, :math:`f_0 = 0`). ``varpi`` is a learnable ``nn.Parameter``
+    with one "effective training time" per training sample (``per_class=False``, as the
+    authors' code) or per (sample, class) (``per_class=True``, as their algorithm box); with
+    all entries equal to :math:`\tau` it is :class:`KernelRegressor` at scaled time
+    :math:`\tau`. The inverse is never formed: with :math:`A = \Theta D`,
+    :math:`\Theta^{-1}(I - e^{-A}) = D\,\varphi(A)`, :math:`\varphi(z) = (1 - e^{-z})/z`,
+    and :math:`\varphi(A)` is the upper-right block of
+    :math:`\exp\begin{pmatrix}-A & I\\ 0 & 0\end{pmatrix}` (differentiable in ``varpi``
+    through ``torch.linalg.matrix_exp``; cost :math:`O(N^3)` per output column set).
+    """
+
+    def __init__(self, kernel_fn: KernelFn, x_train, y_train, *, per_class: bool = False, init: float = 0.0):
+        super().__init__()
+        if not isinstance(kernel_fn, KernelFn):
+            raise TypeError(f"kernel_fn: expected an ntk_theory.infinite.KernelFn, got {type(kernel_fn).__name__}")
+        x_train = as_tensor(x_train, "x_train").to(torch.float64)
+        check_finite(x_train, "x_train")
+        y_train = _targets(y_train, x_train.shape[0]).to(torch.float64)
+        check_nonnegative(init, "init")
+        n = x_train.shape[0]
+        self.kernel_fn = kernel_fn
+        self.squeeze = y_train.dim() == 1
+        y2 = y_train.reshape(n, -1)
+        self.register_buffer("x_train", x_train.detach().clone())
+        self.register_buffer("y_train", y2.detach().clone())
+        self.register_buffer("k_train", kernel_fn(x_train, get="ntk"))
+        shape = (n, y2.shape[1]) if per_class else (n,)
+        self.varpi = nn.Parameter(torch.full(shape, float(init), dtype=torch.float64))
+
+    def coefficients(self) -> torch.Tensor:
+        """``Θ^{-1}(I - e^{-Θ diag|ϖ|}) Y``, shape ``(N, O)``."""
+        n = self.k_train.shape[0]
+        eye, zero = torch.eye(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+        w = self.varpi.abs()
+        cols = [w] if w.dim() == 1 else list(w.unbind(1))
+        out = []
+        for j, d in enumerate(cols):
+            big = torch.cat([torch.cat([-self.k_train * d[None, :], eye], 1), torch.cat([zero, zero], 1)], 0)
+            phi = torch.linalg.matrix_exp(big)[:n, n:]
+            y = self.y_train if w.dim() == 1 else self.y_train[:, j:j + 1]
+            out.append(d[:, None] * (phi @ y))
+        return out[0] if w.dim() == 1 else torch.cat(out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.kernel_fn(x.to(torch.float64), self.x_train, get="ntk") @ self.coefficients()
         return out[:, 0] if self.squeeze else out
 
 

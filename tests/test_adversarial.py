@@ -201,3 +201,33 @@ def test_wide_network_adversarial_training_tracks_its_linearisation():
     slope = (math.log(gaps[-1]) - math.log(gaps[0])) / (math.log(widths[-1]) - math.log(widths[0]))
     assert gaps[0] > gaps[1] > gaps[2], gaps
     assert -1.3 <= slope <= -0.3, (gaps, slope)
+
+
+def test_adv_ntk_predictor_against_kernel_regressor_and_scipy():
+    import numpy as np
+    import scipy.linalg
+    from ntk_theory.adversarial import AdvNTKPredictor
+    x, y, g = _data(7, 3)
+    xt = torch.rand(4, 3, generator=g, dtype=f64)
+    k = mlp(2, sigma_b=0.1)
+    # equal times: the gradient-flow mean at scaled time tau (normalization "none": tau = t)
+    f = AdvNTKPredictor(k, x, y, init=0.7)
+    ref = KernelRegressor(k, x, y, t=0.7, normalization="none")
+    assert torch.allclose(f(xt), ref(xt), rtol=1e-10)
+    # per-sample (and per-class) times against scipy's expm and solve
+    Y = torch.stack([y, -2 * y], 1)
+    fc = AdvNTKPredictor(k, x, Y, per_class=True)
+    with torch.no_grad():
+        fc.varpi.copy_(torch.rand(7, 2, generator=g, dtype=f64) * 3)
+    K, Kt = k(x).ntk.numpy(), k(xt, x).ntk.numpy()
+    ref_cols = []
+    for j in range(2):
+        D = np.diag(np.abs(fc.varpi[:, j].detach().numpy()))
+        ref_cols.append(Kt @ np.linalg.solve(K, (np.eye(7) - scipy.linalg.expm(-K @ D)) @ Y[:, j].numpy()))
+    assert np.allclose(fc(xt).detach().numpy(), np.stack(ref_cols, 1), rtol=1e-8)
+    # differentiable in the times (what Adv-NTK trains) and in the inputs (what PGD attacks)
+    f.varpi.data = torch.rand(7, generator=g, dtype=f64) + 0.1
+    v0 = f.varpi.detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda v: torch.func.functional_call(f, {"varpi": v}, (xt,)), (v0,))
+    x_adv = pgd(f, xt, torch.zeros(4, dtype=f64), eps=0.05, steps=3, loss="mse", generator=g)
+    assert (x_adv - xt).abs().max() <= 0.05
