@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-__all__ = ["CheckResult", "Check", "register", "registry", "get_check", "run_checks", "SCALES", "RIGOUR"]
+__all__ = ["CheckResult", "Check", "register", "registry", "get_check", "run_checks", "progress", "SCALES", "RIGOUR"]
 
 SCALES = ("quick", "full")
 RIGOUR = ("theorem", "heuristic")
@@ -48,6 +48,12 @@ class CheckResult:
         m = ", ".join(f"{k}={_fmt(v)}" for k, v in self.measured.items() if not isinstance(v, dict))
         e = ", ".join(f"{k}={_fmt(v)}" for k, v in self.expected.items())
         return f"{m}  vs  {e}"
+
+
+def progress(iterable, desc: str):
+    """A tqdm bar over a check's sweep; silent when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, leave=False, disable=None)
 
 
 def _fmt(v: Any) -> str:

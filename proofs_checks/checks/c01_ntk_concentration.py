@@ -21,7 +21,7 @@ import torch
 from ntk_theory.empirical import empirical_ntk
 from ntk_theory.infinite import KernelFn, mlp
 
-from ..registry import CheckResult, register
+from ..registry import CheckResult, progress, register
 from ..stats import bootstrap_slope
 
 BAND = (-0.65, -0.35)
@@ -65,7 +65,7 @@ def check_c1(scale: str = "quick", seed: int = 0, *, reference: KernelFn | None 
     x = sphere_inputs(p["n_points"], p["d_in"], g)
     limit = ref(x)
     errs_ntk, errs_nngp = [], []
-    for width in p["widths"]:
+    for width in progress(p["widths"], "C1 widths"):
         e_t, e_k = [], []
         for s in range(p["seeds"]):
             gs = torch.Generator().manual_seed(seed * 100_003 + width * 101 + s)

@@ -19,7 +19,7 @@ from ntk_theory.empirical import empirical_ntk
 from ntk_theory.infinite import mlp
 from ntk_theory.masks import random_mask
 
-from ..registry import CheckResult, register
+from ..registry import CheckResult, progress, register
 from .c01_ntk_concentration import sphere_inputs
 
 PARAMS = {
@@ -41,7 +41,7 @@ def check_c3(scale: str = "quick", seed: int = 0, *, exponent: int | None = None
     kern = mlp(p["depth"])
     limit_tr = float(kern(x, get="ntk").trace())
     rows, passed = [], True
-    for q in p["densities"]:
+    for q in progress(p["densities"], "C3 densities"):
         ratios = []
         for s in range(p["seeds"]):
             gs = torch.Generator().manual_seed(seed * 7919 + s)

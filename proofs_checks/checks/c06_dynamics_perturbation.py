@@ -24,7 +24,7 @@ from ntk_theory.empirical import empirical_ntk
 from ntk_theory.infinite import mlp
 from ntk_theory.masks import apply_mask, random_mask
 
-from ..registry import CheckResult, register
+from ..registry import CheckResult, progress, register
 from .c01_ntk_concentration import sphere_inputs
 
 PARAMS = {
@@ -46,7 +46,7 @@ def check_c6(scale: str = "quick", seed: int = 0, *, bound_factor: float = 1.0, 
     x = sphere_inputs(p["n_points"], p["d_in"], g)
     kern = mlp(p["depth"], sigma_b=0.1)
     rows, worst_ratio, violations = [], 0.0, 0
-    for q in p["densities"]:
+    for q in progress(p["densities"], "C6 densities"):
         for s in range(p["seeds"]):
             gs = torch.Generator().manual_seed(seed * 104_729 + s)
             net = kern.finite((p["d_in"],), p["width"], generator=gs)
