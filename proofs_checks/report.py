@@ -47,15 +47,17 @@ def _plot(result: CheckResult, path: Path) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(4.8, 3.6))
     x = series["x"]
-    for label, y in series["y"].items():
-        ax.plot(x, y, "o-", label=label)
+    for i, (label, y) in enumerate(series["y"].items()):
+        ax.plot(x, y, "o-" if i == 0 else "s--", mfc="none" if i else None, label=label)
     ref = series.get("reference_slope")
     if ref is not None:
         y0 = next(iter(series["y"].values()))[0]
         ax.plot(x, [y0 * (xi / x[0]) ** ref for xi in x], "k--", lw=1, label=f"slope {ref:g}")
     if series.get("loglog"):
+        from matplotlib.ticker import NullFormatter
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(series.get("xlabel", ""))
     ax.set_ylabel(series.get("ylabel", ""))
     ax.set_title(f"{result.id}: {'PASS' if result.passed else 'FAIL'}")
