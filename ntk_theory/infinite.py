@@ -42,7 +42,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._checks import as_tensor, check_choice, check_density, check_finite, check_int, check_nonnegative

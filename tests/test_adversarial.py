@@ -173,7 +173,6 @@ def test_bad_input(call, match):
 @pytest.mark.slow
 def test_wide_network_adversarial_training_tracks_its_linearisation():
     """Real AT of a finite network (PGD, MSE, small eps) vs its linearised kernel dynamics: the gap shrinks with width."""
-    from ntk_theory.dynamics import linearize
     x, y, _ = _data(12, 6, seed=4)
     gaps = []
     widths = [64, 256, 1024]
