@@ -94,6 +94,8 @@ _JAC_ELEMS = 1 << 28
 
 # Symmetric single-output kernels with N >= 512 rows are tiled 2 x 2, with N >= 1024 rows 3 x 3.
 _SYM_SPLIT_ROWS = (512, 1024)
+# Elements of the stacked signals of one chunk of examples in an explicit Jacobian GEMM (8 MiB in float64).
+_SIG_ELEMS = 1 << 20
 
 # Module forwards whose computation is known to be op(h, weight_gain*W, bias_gain*b).
 _LINEAR_FORWARDS = (nn.Linear.forward, NTKLinear.forward)
@@ -387,37 +389,39 @@ class _Gram:
 
 @dataclass
 class _Jac:
-    """Layer with several positions (conv, or Linear on (N, P, K)): explicit per-layer Jacobians."""
+    """Layer with several positions (conv, or Linear on (N, P, K)): explicit per-layer Jacobians.
+
+    The bias is folded into the weight: the patches carry a last row of ones (``∂f/∂b = g_b Σ_pos δ``
+    is the weight Jacobian of a constant input 1), so one batched GEMM per block of examples gives
+    both, with the outputs stacked into its rows."""
     dls: list[torch.Tensor]  # O x (N, C, P): the signals of each output
-    hl: torch.Tensor | None  # (N, K, P): the layer's input patches (im2col)
-    cw: object  # None | float | (K, C): g_w · sqrt(squared mask coefficient), transposed
-    cb: object  # None | float | (C,)
+    hl: torch.Tensor  # (N, K', P): the layer's input patches (im2col), then a row of ones with a bias
+    coef: object  # float | (C, K'): g · sqrt(squared mask coefficient) of each (weight | bias) entry
 
     def parts(self, s: slice) -> list[torch.Tensor]:
-        """``[(O, r, K*C), (O, r, C)]``: rows ``s`` of ``∂f_o/∂Wᵀ = g_w Σ_pos h(pos) ⊗ δ_o(pos)`` and of
-        ``∂f_o/∂b = g_b Σ_pos δ_o(pos)``, times the mask coefficients. (The weight Jacobian is kept
-        transposed, ``(K, C)``: a Gram matrix does not depend on the order of its inner dimension.)"""
-        O, C = len(self.dls), self.dls[0].shape[1]
+        """``[(r, O, C*K')]``: rows ``s`` (example-major, then output) of ``∂f_o/∂[W | b]`` times the
+        mask coefficients, ``Σ_pos δ_o(pos) ⊗ [h(pos) | 1]``. Example-major so that the ``O``
+        signals of a chunk of examples are one ``(O C, P)`` operand of one GEMM per example."""
+        O, C, P = len(self.dls), self.dls[0].shape[1], self.dls[0].shape[2]
+        K = self.hl.shape[1]
         r = s.stop - s.start
-        out = []
-        if self.hl is not None:
-            h = self.hl[s]
-            K = h.shape[1]
-            Jw = h.new_empty((O, r, K, C))
+        J = self.hl.new_empty((r, O, C, K))
+        nb = max(1, min(r, _SIG_ELEMS // max(O * C * P, 1)))  # a cache-sized stack of signals
+        buf = self.hl.new_empty((nb, O, C, P))
+        for i in range(s.start, s.stop, nb):
+            j = min(i + nb, s.stop)
+            D = buf[:j - i]
             for o in range(O):
-                torch.bmm(h, self.dls[o][s].transpose(1, 2), out=Jw[o])
-            if isinstance(self.cw, torch.Tensor) or self.cw != 1.0:
-                Jw.mul_(self.cw)
-            out.append(Jw.view(O, r, K * C))
-        if self.cb is not None:
-            Jb = torch.stack([d[s].sum(-1) for d in self.dls])
-            out.append(Jb.mul_(self.cb) if isinstance(self.cb, torch.Tensor) or self.cb != 1.0 else Jb)
-        return out
+                D[:, o].copy_(self.dls[o][i:j])
+            torch.bmm(D.view(j - i, O * C, P), self.hl[i:j].transpose(1, 2),
+                      out=J[i - s.start:j - s.start].view(j - i, O * C, K))
+        if isinstance(self.coef, torch.Tensor) or self.coef != 1.0:
+            J.mul_(self.coef)
+        return [J.view(r, O, C * K)]
 
     @property
     def width(self) -> int:
-        C = self.dls[0].shape[1]
-        return (C * self.hl.shape[1] if self.hl is not None else 0) + (C if self.cb is not None else 0)
+        return self.dls[0].shape[1] * self.hl.shape[1]
 
 
 @dataclass
@@ -436,15 +440,28 @@ class _Features:
         return sum(j.width for j in self.jacs)
 
 
-def _conv_patches(module: nn.Conv2d, h: torch.Tensor) -> torch.Tensor:
-    """im2col: ``(N, C_in, H, W)`` -> ``(N, C_in k k, P)`` in the order of ``weight.reshape(C_out, -1)``."""
+def _conv_patches(module: nn.Conv2d, h: torch.Tensor, ones: bool) -> torch.Tensor:
+    """im2col: ``(N, C_in, H, W)`` -> ``(N, C_in k k (+ 1), P)`` in the order of ``weight.reshape(C_out, -1)``,
+    with a last row of ones if ``ones``. A strided view copied once (cheaper than ``F.unfold``)."""
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
     if isinstance(module.padding, str):
         if module.padding == "same":
             h = F.pad(h, module._reversed_padding_repeated_twice)
-        padding = 0
-    else:
-        padding = module.padding
-    return F.unfold(h, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    elif any(module.padding):
+        ph, pw = module.padding
+        h = F.pad(h, (pw, pw, ph, ph))
+    N, Cin, H, W = h.shape
+    OH, OW = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
+    K = Cin * kh * kw
+    out = h.new_empty((N, K + int(ones), OH * OW))
+    s0, s1, s2, s3 = h.stride()
+    view = h.as_strided((N, Cin, kh, kw, OH, OW), (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3), h.storage_offset())
+    out[:, :K].view(N, Cin, kh, kw, OH, OW).copy_(view)
+    if ones:
+        out[:, K].fill_(1)
+    return out
 
 
 def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -528,17 +545,31 @@ def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> _Features:
                 feats.layout.append((lay.name, "gram", (C,), (K,)))
                 feats.grams.append(_Gram(hs[:, 0] if lay.w is not None else None, d, sq_w, sq_b))
                 continue
-            hl = hs.transpose(1, 2)  # (N, K, P), a view
+            hl = hs.transpose(1, 2) if lay.w is not None else None  # (N, K, P), a view
+            if lay.b is not None:
+                ones = hs.new_ones((N, 1, hs.shape[1]))
+                hl = ones if hl is None else torch.cat([hl, ones], 1)
             dls = [_cat([g[o].reshape(N, -1, C) for g in gs], 1).transpose(1, 2) for o in range(O)]  # (N, C, P)
         else:
-            hl = _cat([_conv_patches(lay.module, h) for h, _ in rec], 2)  # (N, K, P)
             dls = [_cat([g[o].reshape(N, g[o].shape[1], -1) for g in gs], 2) for o in range(O)]  # (N, C, P)
+            if lay.w is not None:
+                hl = _cat([_conv_patches(lay.module, h, lay.b is not None) for h, _ in rec], 2)  # (N, K', P)
+            else:
+                hl = rec[0][0].new_ones((1, 1, dls[0].shape[2])).expand(N, 1, -1)
         C = dls[0].shape[1]
-        cw = None if sq_w is None else (math.sqrt(sq_w) if isinstance(sq_w, float)
-                                        else sq_w.reshape(C, -1).sqrt().T.contiguous())  # (K, C)
-        cb = None if sq_b is None else (math.sqrt(sq_b) if isinstance(sq_b, float) else sq_b.sqrt())
+        cs = []  # per column group of [W | b]: sqrt of the squared coefficients, (C, k) or a float
+        if sq_w is not None:
+            cs.append(math.sqrt(sq_w) if isinstance(sq_w, float) else sq_w.reshape(C, -1).sqrt())
+        if sq_b is not None:
+            cs.append(math.sqrt(sq_b) if isinstance(sq_b, float) else sq_b.sqrt().unsqueeze(1))
+        if all(isinstance(c, float) for c in cs) and len(set(cs)) == 1:
+            coef = cs[0]
+        else:
+            widths = [hl.shape[1] - 1, 1] if len(cs) == 2 else [hl.shape[1]]
+            coef = torch.cat([c.expand(C, k) if isinstance(c, torch.Tensor) else hl.new_full((C, k), c)
+                              for c, k in zip(cs, widths)], 1)  # (C, K')
         feats.layout.append((lay.name, "jac", (C,), tuple(hl.shape[1:2])))
-        feats.jacs.append(_Jac(dls, hl if lay.w is not None else None, cw, cb))
+        feats.jacs.append(_Jac(dls, hl, coef))
     return feats
 
 
@@ -594,6 +625,13 @@ class _Acc:
     def result(self) -> torch.Tensor:
         return self.t if self.written else self.t.zero_()
 
+    def add_example_major(self, G: torch.Tensor) -> None:
+        """``acc += G`` for ``G (b1 O, b2 O)`` with rows and columns ordered (example, output)."""
+        O, b1, _, b2 = self.t.shape
+        Gp = G.view(b1, O, b2, O).permute(1, 0, 3, 2)
+        self.t.add_(Gp) if self.written else self.t.copy_(Gp)
+        self.written = True
+
 
 class _SymAcc(_Acc):
     """Accumulator of the symmetric ``(O, N, O, N)`` kernel ``Θ(x, x)``: each product ``A Aᵀ`` is
@@ -635,12 +673,46 @@ class _SymAcc(_Acc):
                 dst4.add_(tmp4, alpha=coef)
         self.written = True
 
+    jac: torch.Tensor | None = None  # the explicit-Jacobian layers' Gram, example-major (see _jac_gram)
+
     def assemble(self) -> torch.Tensor:
-        """``(N, N, O, O)`` from the upper output tiles: ``Θ[o2, n2, o1, n1] = Θ[o1, n1, o2, n2]``."""
-        t = self.result()
-        for o in range(t.shape[0] - 1):
+        """``(N, N, O, O)`` from the upper output tiles: ``Θ[o2, n2, o1, n1] = Θ[o1, n1, o2, n2]``,
+        plus the example-major Gram ``jac`` (added in the same pass that reorders the result)."""
+        O, N = self.t.shape[0], self.N
+        G = None if self.jac is None else self.jac.view(N, O, N, O).permute(0, 2, 1, 3)
+        if not self.written:
+            return self.t.zero_().permute(1, 3, 0, 2).contiguous() if G is None else G.contiguous()
+        t = self.t
+        for o in range(O - 1):
             t[o + 1:, :, o, :] = t[o, :, o + 1:, :].permute(1, 2, 0)
-        return t.permute(1, 3, 0, 2).contiguous()
+        if G is None:
+            return t.permute(1, 3, 0, 2).contiguous()
+        return torch.add(t.permute(1, 3, 0, 2), G, out=t.new_empty((N, N, O, O)))
+
+
+def _jac_gram(A: list[torch.Tensor], B: list[torch.Tensor], sym: bool) -> torch.Tensor | None:
+    """``Σ_parts A Bᵀ``, ``(b1 O, b2 O)`` example-major, from the explicit Jacobian parts ``(b, O, w)``.
+    With ``sym`` (``A is B``) only row groups on and above the diagonal are multiplied (``(k + 1) / 2k``
+    of the FLOPs for ``k`` groups) and the rest is mirrored."""
+    if not A:
+        return None
+    mats = [(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])) for a, b in zip(A, B)]
+    R1, R2 = mats[0][0].shape[0], mats[0][1].shape[0]
+    G = A[0].new_empty((R1, R2))
+    g = -(-R1 // 5) if sym else R1
+    for r0 in range(0, R1, g):
+        r1 = min(r0 + g, R1)
+        c0 = r0 if sym else 0
+        for i, (a, b) in enumerate(mats):
+            if i == 0:
+                torch.mm(a[r0:r1], b[c0:].T, out=G[r0:r1, c0:])
+            else:
+                G[r0:r1, c0:].addmm_(a[r0:r1], b[c0:].T)
+    if sym:
+        for r0 in range(0, R1, g):
+            r1 = min(r0 + g, R1)
+            G[r1:, r0:r1] = G[r0:r1, r1:].T
+    return G
 
 
 def _coef(g1: _Gram, g2: _Gram, a: slice, b: slice):
@@ -747,9 +819,8 @@ def _structured(prob: _Problem, layers: list[_Layer], x1: torch.Tensor, x2: torc
             for g in F1.grams:
                 Gg = _gram_diag(g, s)
                 G = Gg if G is None else G.add_(Gg)
-            for J in J1(s):
-                Jt = J.transpose(0, 1)  # (r, O, w)
-                Gj = torch.bmm(Jt, Jt.transpose(1, 2))
+            for J in J1(s):  # (r, O, w)
+                Gj = torch.bmm(J, J.transpose(1, 2))
                 G = Gj if G is None else G.add_(Gj)
             parts.append(G)
         return _finish(_cat(parts, 0), mode, O, N1, N1)
@@ -762,14 +833,18 @@ def _structured(prob: _Problem, layers: list[_Layer], x1: torch.Tensor, x2: torc
             acc = acc_type((O, n1, O, n2), like)
             for g1, g2 in zip(F1.grams, F2.grams):
                 _gram_full(g1, g2, a, b, acc)
-            for A, B in zip(J1(a), J2(b)):
-                acc.gemm(A.reshape(O * n1, -1), B.reshape(O * n2, -1))
-            return acc if acc_type is _SymAcc else acc.result()
+            G = _jac_gram(J1(a), J2(b), sym and a == b)
+            if acc_type is _SymAcc:
+                acc.jac = G
+                return acc
+            if G is not None:
+                acc.add_example_major(G)
+            return acc.result()
         acc = like.new_zeros((n1, n2))
         for g1, g2 in zip(F1.grams, F2.grams):
             _gram_trace(g1, g2, a, b, acc)
-        for A, B in zip(J1(a), J2(b)):
-            acc.add_(torch.bmm(A, B.transpose(1, 2)).sum(0))
+        for A, B in zip(J1(a), J2(b)):  # Σ_o Σ_w A[n1, o, w] B[n2, o, w]: one GEMM
+            acc.addmm_(A.reshape(n1, -1), B.reshape(n2, -1).T)
         return acc.div_(O)
 
     if sym and mode == "full" and bs is None and O > 1:

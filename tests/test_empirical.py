@@ -180,6 +180,29 @@ def test_symmetric_tiling_and_internal_chunking(monkeypatch):
     assert_rel(empirical_ntk(cnn, xc, mode="diagonal", method="jvp"), refs[("diagonal", 0)])
 
 
+def test_conv_parameter_subsets_and_signal_chunks(monkeypatch):
+    """Convolutions with only the bias, only the weight, or a masked bias differentiated (the bias
+    is folded into the patches as a row of ones), and the example chunks of the stacked signals."""
+    from ntk_theory import empirical as E
+    cnn = lenet()
+    named = dict(cnn.named_parameters())
+    x1 = torch.randn(5, 1, 12, 12, dtype=D, generator=_gen(11))
+    x2 = torch.randn(3, 1, 12, 12, dtype=D, generator=_gen(12))
+    m = random_mask(cnn, 0.5, generator=2, include_bias=True)
+    subsets = [{"0.bias": named["0.bias"]}, {"3.weight": named["3.weight"]},
+               {"0.bias": named["0.bias"], "3.weight": named["3.weight"], "7.bias": named["7.bias"]}]
+    cases = [({"params": p}, xb) for p in subsets for xb in (None, x2)] + [({"mask": m}, None), ({}, x2)]
+    refs = []
+    for kw, xb in cases:
+        refs.append({mode: empirical_ntk(cnn, x1, xb, mode=mode, method="jacobian", **kw)
+                     for mode in ("full", "trace", "diagonal") if not (mode == "diagonal" and xb is not None)})
+    for sig in (None, 1):
+        if sig is not None:
+            monkeypatch.setattr(E, "_SIG_ELEMS", sig)  # one example per chunk
+        for (kw, xb), ref in zip(cases, refs):
+            for mode, r in ref.items():
+                assert_rel(empirical_ntk(cnn, x1, xb, mode=mode, method="structured", **kw), r)
+
 def test_weight_reuse_and_sequence_inputs():
     """A Linear applied twice, and a Linear on (N, T, K) inputs: the several-position path."""
 
