@@ -91,15 +91,17 @@ class _State:
     spatial: str          # "diag" | "full": how image kernels are stored
     want_ntk: bool
     dup: torch.Tensor | None = None   # (n1, n2) pairs of identical inputs (self-pairs), or None
+    flattened: bool = False           # a Flatten reduced an image kernel and no Dense has consumed it
 
 
 # --------------------------------------------------------------------------------------
 # elementwise Gaussian expectations
 # --------------------------------------------------------------------------------------
 def _tol(dtype: torch.dtype) -> float:
-    # |sin angle| below which two points count as coincident/antipodal for gradients;
-    # ~100 sqrt(eps) sits well above the rounding noise of rho = 1 (THEORY.md §E.5).
-    return 100.0 * math.sqrt(torch.finfo(dtype).eps)
+    # |sin angle| below which two points count as coincident/antipodal for gradients. Exact
+    # duplicates are pinned to rho = 1 before this, so the cut-off only has to clear the
+    # rounding noise of rho near 1 (sin ~ sqrt(2 * few eps)); THEORY.md §E.5.
+    return 4.0 * math.sqrt(torch.finfo(dtype).eps)
 
 
 def _unbroadcast(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -129,25 +131,37 @@ class _ABReluExpect(torch.autograd.Function):
         A = (a * a + b * b) / 2
         # rho = c / sqrt(va vb) and D = sqrt(va vb) sin(theta): for self-pairs (c == va == vb)
         # sqrt(fl(v*v)) == v, so rho == 1 and D == 0 exactly (no FMA-dependent sqrt(eps) error)
-        tiny = torch.finfo(c.dtype).tiny
-        s = torch.mul(va.clamp(min=tiny), vb.clamp(min=tiny)).sqrt_()
-        rho = torch.div(c, s).clamp_(-1.0, 1.0)
+        s = torch.mul(va, vb).sqrt_()
+        # zero variance (zero input or all-zero patch, sigma_b = 0): 0/0 -> rho = 0; E = 0 exactly as s = 0
+        rho = torch.div(c, s).nan_to_num_(0.0).clamp_(-1.0, 1.0)
         theta = torch.acos(rho)
         dn = torch.sin(theta)
         ed = theta.mul_(-f).add_(A)                 # E[phi' phi'] = A - f theta
         e = torch.addcmul(c * ed, s, dn, value=f)   # E[phi phi] = (A - f theta) c + f D
-        ctx.save_for_backward(c, va, vb, s, dn, ed)
-        ctx.f = f
+        ctx.save_for_backward(c, va, vb)
+        ctx.f, ctx.A = f, A
         ctx.tol = _tol(c.dtype)
         return e, ed
 
     @staticmethod
     def backward(ctx, g_e, g_ed):
-        c, va, vb, s, dn, ed = ctx.saved_tensors
+        # recomputed from the saved inputs with differentiable ops, so that double backward
+        # (create_graph=True: Hessian-vector products, gradient penalties) is correct too
+        c, va, vb = ctx.saved_tensors
         f = ctx.f
         gc = gva = gvb = None
+        # where() with safe branches keeps second derivatives finite at the kinks (rho = +-1,
+        # zero variance), where they get the same zero subgradient as the first derivatives
+        prod = va * vb
+        pos = prod > 0
+        s = torch.where(pos, torch.sqrt(torch.where(pos, prod, torch.ones_like(prod))), torch.zeros_like(prod))
+        rho = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(s)).clamp(-1.0, 1.0)
+        inner = rho.abs() < 1
+        theta = torch.where(inner, torch.acos(torch.where(inner, rho, torch.zeros_like(rho))), torch.acos(rho.detach()))
+        dn = torch.sin(theta)
+        ed = ctx.A - f * theta
         D = s * dn
-        ok = dn > ctx.tol
+        ok = (dn > ctx.tol) & (D > 0)
         Dsafe = torch.where(ok, D, torch.ones_like(D))
         va_s = torch.where(va > 0, va, torch.ones_like(va))
         vb_s = torch.where(vb > 0, vb, torch.ones_like(vb))
@@ -348,7 +362,7 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
         if sb2:
             nngp.add_(sb2)
         ntk = None if s.ntk is None else torch.add(nngp, s.ntk, alpha=sw2)
-        return replace(s, nngp=nngp, ntk=ntk, var1=sw2 * s.var1 + sb2, var2=sw2 * s.var2 + sb2)
+        return replace(s, nngp=nngp, ntk=ntk, var1=sw2 * s.var1 + sb2, var2=sw2 * s.var2 + sb2, flattened=False)
 
     def finite(shape, width, generator, dtype, is_readout, out_features=1):
         n_out = out_features if is_readout else width
@@ -420,6 +434,9 @@ def _nonlin(name: str, expect, module_fn, meta: tuple = ()) -> Layer:
     def kernel(s: _State) -> _State:
         if s.nngp is None:
             raise ValueError(f"layers: {name} cannot come first; start the network with Dense() or Conv()")
+        if s.flattened:
+            raise ValueError(f"layers: {name} directly after Flatten() acts per pixel and needs the per-pixel kernel; "
+                             "apply it before Flatten() (elementwise maps commute with flattening)")
         va, vb = _broadcast_vars(s)
         nngp, ed = expect(s.nngp, va, vb)
         ntk = None if s.ntk is None else s.ntk * ed
@@ -496,7 +513,7 @@ def Flatten() -> Layer:
             v1, v2 = s.var1.mean((0, 1)), s.var2.mean((0, 1))
         v2 = v1 if s.var2 is s.var1 else v2
         nngp, v2 = _pin_duplicates(s.dup, red(s.nngp), v1, v2)
-        return replace(s, nngp=nngp, ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2)
+        return replace(s, nngp=nngp, ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2, flattened=True)
 
     def finite(shape, width, g, dt, r, out_features=1):
         return nn.Flatten(), (math.prod(shape),)
@@ -552,11 +569,10 @@ def _homogeneous_block(plan, x1, x2, want_ntk: bool, dup):
     """
     sw2_0, steps = plan
     d = x1.shape[1]
-    tiny = torch.finfo(x1.dtype).tiny
     v1 = (sw2_0 / d) * (x1 * x1).sum(1)
     v2 = v1 if x2 is x1 else (sw2_0 / d) * (x2 * x2).sum(1)
-    s = torch.outer(v1.clamp(min=tiny), v2.clamp(min=tiny)).sqrt_()
-    rho = (x1 @ x2.T).mul_(sw2_0 / d).div_(s).clamp_(-1.0, 1.0)
+    s = torch.outer(v1, v2).sqrt_()
+    rho = (x1 @ x2.T).mul_(sw2_0 / d).div_(s).nan_to_num_(0.0).clamp_(-1.0, 1.0)   # zero rows: rho = 0, K = 0
     if dup is not None:
         rho.masked_fill_(dup, 1.0)
     t = rho.clone() if want_ntk else None
@@ -644,6 +660,8 @@ class KernelFn:
     def __call__(self, x1, x2=None, get=_GET, *, batch_size: int | None = None, dtype: torch.dtype = torch.float64):
         single = isinstance(get, str)
         gets = (get,) if single else tuple(get)
+        if not gets:
+            raise ValueError("get: asks for no kernel; accepted values are 'nngp', 'ntk' or a tuple of them")
         for g in gets:
             check_choice(g, "get", _GET)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:

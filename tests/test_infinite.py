@@ -458,3 +458,59 @@ def test_homogeneous_fast_path_equals_general_recursion(seed, depth, sw, act, q,
         assert torch.allclose(a, b.detach(), rtol=1e-12, atol=1e-300)
     assert torch.equal(fast_sym.ntk, fast_sym.ntk.T)
     assert mlp(max(depth, 1), "erf")._plan is None and mlp(depth, sigma_b=0.1)._plan is None
+
+
+def test_zero_inputs_and_zero_patches_give_exact_zeros_not_nan():
+    # sigma_b = 0: a zero input has zero variance; its kernel row is exactly 0 (no 0/0)
+    x = _inputs(0, 4, 6)
+    x[1] = 0.0
+    k = mlp(3)
+    for xx in (x, x.clone().requires_grad_()):          # fast path and general (gradient) path
+        out = k(xx)
+        assert torch.isfinite(out.ntk).all() and torch.isfinite(out.nngp).all()
+        assert torch.equal(out.ntk[1].detach(), torch.zeros(4, dtype=f64))
+    xg = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(k(xg, x[[0, 2]]).ntk.sum(), xg)
+    assert torch.isfinite(g).all()
+    # MNIST-like images with a zero border: all-zero 3x3 patches must not poison the kernel
+    img = torch.zeros(3, 1, 8, 8, dtype=f64)
+    img[:, :, 2:6, 2:6] = _inputs(1, 48, 1).reshape(3, 1, 4, 4)
+    for ro in (Flatten, GlobalAvgPool):
+        kc = serial(Conv(3), Relu(), Conv(3), Relu(), ro(), Dense())
+        a = kc(img).ntk
+        b = kc(img + 1e-9 * _inputs(2, 192, 1).reshape(3, 1, 8, 8)).ntk      # continuity
+        assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-6)
+
+
+def test_nonlinearity_directly_after_flatten_is_refused():
+    x = _inputs(0, 2 * 16, 1).reshape(2, 1, 4, 4)
+    with pytest.raises(ValueError, match="layers"):
+        serial(Conv(3), Flatten(), Relu(), Dense())(x)
+    # after a Dense (or GlobalAvgPool) it is a genuine vector nonlinearity
+    assert torch.isfinite(serial(Conv(3), Relu(), Flatten(), Dense(), Relu(), Dense())(x).ntk).all()
+
+
+def test_float32_input_gradients_near_coincident_points():
+    # a nearby (not identical) point: the cone term of the gradient must be kept in float32 too
+    x = _inputs(0, 1, 8)
+    xn = x + 0.03 * _inputs(1, 1, 8)
+    k = mlp(2, sigma_b=0.1)
+    grads = []
+    for dt in (f64, torch.float32):
+        xv = x.to(dt).clone().requires_grad_()
+        (g,) = torch.autograd.grad(k(xv, xn.to(dt), dtype=dt).ntk.sum(), xv)
+        grads.append(g.double())
+    assert torch.allclose(grads[1], grads[0], rtol=1e-3, atol=1e-4)
+
+
+def test_second_derivatives_match_finite_differences():
+    # create_graph=True (Hessian-vector products, gradient penalties) differentiates the backward
+    g = torch.Generator().manual_seed(0)
+    va = (torch.rand(3, 1, generator=g, dtype=f64) + 0.5).requires_grad_()
+    vb = (torch.rand(1, 2, generator=g, dtype=f64) + 0.5).requires_grad_()
+    c = ((torch.rand(3, 2, generator=g, dtype=f64) * 1.6 - 0.8) * torch.sqrt(va * vb)).detach().requires_grad_()
+    for a, b in ((0.0, 1.0), (0.2, 1.0)):
+        assert torch.autograd.gradgradcheck(lambda c, va, vb: relu_expectations(c, va, vb, a, b), (c, va, vb))
+    x1 = _inputs(0, 2, 4).requires_grad_()
+    x2 = _inputs(1, 2, 4)
+    assert torch.autograd.gradgradcheck(lambda a: mlp(2, sigma_b=0.1)(a, x2).ntk, (x1,))
