@@ -93,7 +93,8 @@ class KernelRegressor(nn.Module):
         k_train = kernel_fn(x_train, get=get)
         n = x_train.shape[0]
         # A = Theta^{-1}(I - e^{-Theta tau}) Y is the test prediction with Theta(x, X) = I and f0 = 0
-        flow = gradient_flow_mse(k_train, y_train, [t], k_test_train=torch.eye(n, dtype=torch.float64),
+        flow = gradient_flow_mse(k_train, y_train, [t], k_test_train=torch.eye(n, dtype=torch.float64,
+                                                                                device=k_train.device),
                                  lr=lr, normalization=normalization, diag_reg=diag_reg)
         self.register_buffer("coef", flow.f_test[0].reshape(n, -1).detach())
         self.squeeze = y_train.dim() == 1
@@ -140,7 +141,8 @@ class AdvNTKPredictor(nn.Module):
     def coefficients(self) -> torch.Tensor:
         """``Θ^{-1}(I - e^{-Θ diag|ϖ|}) Y``, shape ``(N, O)``."""
         n = self.k_train.shape[0]
-        eye, zero = torch.eye(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
+        eye = torch.eye(n, dtype=torch.float64, device=self.k_train.device)
+        zero = torch.zeros_like(eye)
         w = self.varpi.abs()
         cols = [w] if w.dim() == 1 else list(w.unbind(1))
         out = []
@@ -171,11 +173,12 @@ class AdversarialKernels:
 
 def _attack_fn(attack: Attack | None, eps: float, norm: str, steps: int, alpha: float | None, loss,
                clamp, generator) -> Attack:
+    check_nonnegative(eps, "eps")
     if attack is not None:
         if not callable(attack):
             raise TypeError(f"attack: expected a callable (f, x, y) -> x_adv, got {type(attack).__name__}")
         return attack
-    check_nonnegative(eps, "eps")
+    check_choice(norm, "norm", ("linf", "l2"))
 
     def run(f, x, y):
         if eps == 0:
@@ -224,9 +227,14 @@ def adversarial_ntk(model: nn.Module | KernelFn, x, y, *, eps: float, norm: str 
     if isinstance(model, KernelFn):
         if mask is not None:
             raise ValueError("mask: infinite-width kernels take masks through mlp(density=..., rescale=...)")
+        if (x_train is None) != (y_train is None):
+            raise ValueError("y_train: x_train and y_train must be given together (default: the attacked x, y)")
         xt = x if x_train is None else as_tensor(x_train, "x_train")
         yt = y if y_train is None else as_tensor(y_train, "y_train")
-        f = KernelRegressor(model, xt, yt.to(torch.float64), t=t, diag_reg=diag_reg)
+        if not yt.is_floating_point():
+            raise ValueError("y: the infinite-width predictor regresses float targets; pass one-hot (or real) "
+                             f"targets of shape (N,) or (N, O), got {yt.dtype} labels")
+        f = KernelRegressor(model, xt, yt, t=t, diag_reg=diag_reg)
         x_adv = run(f, x.to(torch.float64), y)
         kernel = lambda a, b=None: model(a, b, get="ntk")
     elif isinstance(model, nn.Module):
@@ -248,7 +256,8 @@ class ATTrajectory:
     clean training points; ``f_adv`` (K, N, ...) outputs on that step's adversarial points;
     ``f_test`` (K, M, ...) on the probe points (or None); ``x_adv`` (K, N, ...) the attacked
     inputs; ``robust_loss``/``clean_loss`` (K,) ``(1/2c)||f - Y||^2`` on adversarial/clean
-    training points; ``test_loss`` on the probe set when ``y_test`` was given.
+    training points; ``test_loss`` ``(1/2c')||f - Y_test||^2`` on the probe set (``c'`` from ``y_test``, same
+    normalisation) when ``y_test`` was given.
     """
 
     steps: torch.Tensor
@@ -332,6 +341,9 @@ def adversarial_kernel_training(model: nn.Module | KernelFn, x_train, y_train, *
         if x_test is None:
             raise ValueError("y_test: given without x_test")
         y_test = _targets(y_test, x_test.shape[0], "y_test")
+        if y_test.shape[1:] != y.shape[1:]:
+            raise ValueError(f"y_test: trailing shape {tuple(y_test.shape[1:])} differs from y_train's {tuple(y.shape[1:])}")
+        c_test = loss_scale(y_test, normalization)
 
     if isinstance(model, KernelFn):
         y = y.to(torch.float64)
@@ -346,6 +358,11 @@ def adversarial_kernel_training(model: nn.Module | KernelFn, x_train, y_train, *
         lin = linearize(model)
         dt = next(iter(lin.parameters())).dtype
         y, x_train = y.to(dt), x_train.to(dt)
+        with torch.no_grad():
+            out_shape = tuple(lin.f0(x_train[:1]).shape[1:])
+        if out_shape != tuple(y.shape[1:]):
+            raise ValueError(f"y_train: targets of shape {tuple(y.shape)} do not match the model's outputs "
+                             f"(N, {', '.join(map(str, out_shape))}); reshape y_train (e.g. y[:, None])")
         x_test = None if x_test is None else x_test.to(dt)
         f = lin
 
@@ -387,7 +404,7 @@ def adversarial_kernel_training(model: nn.Module | KernelFn, x_train, y_train, *
                     ft = f(x_test).detach()
                     rec["f_test"].append(ft)
                     if y_test is not None:
-                        rec["test"].append(float(((ft - y_test.to(ft.dtype)) ** 2).sum() / (2 * c)))
+                        rec["test"].append(float(((ft - y_test.to(ft.dtype)) ** 2).sum() / (2 * c_test)))
         if k < steps:
             update(x_adv, resid, out_adv)
     st = torch.tensor(rec["steps"], dtype=torch.float64)

@@ -128,16 +128,22 @@ def test_adversarial_kernel_training_follows_the_kernel_recursion(kind):
     tr = adversarial_kernel_training(model, x, yy, steps=steps, lr=lr, eps=0.03, attack_steps=4,
                                      generator=torch.Generator().manual_seed(3), x_test=xt)
     c = yy.numel()
-    pts = torch.cat([x, xt])
+    centres, resids = [], []
+
+    def rebuilt(z):      # f_k(z) = f_0(z) - (lr/c) sum_s Theta(z, X~_s) r_s, from the recorded X~_s only
+        out = f0(z)
+        for xs, rs in zip(centres, resids):
+            out = out - (lr / c) * kern(z, xs) @ rs
+        return out
+
     with torch.no_grad():
-        f = f0(pts)
-        for k_ in range(steps):
+        for k_ in range(steps + 1):
             xa = tr.x_adv[k_]
-            assert torch.allclose(f0(xa) if k_ == 0 else tr.f_adv[k_], tr.f_adv[k_])
-            r = tr.f_adv[k_] - yy
-            f = f - (lr / c) * kern(pts, xa) @ r
-            assert torch.allclose(f[:8], tr.f_train[k_ + 1], rtol=1e-9, atol=1e-11)
-            assert torch.allclose(f[8:], tr.f_test[k_ + 1], rtol=1e-9, atol=1e-11)
+            assert torch.allclose(rebuilt(xa), tr.f_adv[k_], rtol=1e-9, atol=1e-11)
+            assert torch.allclose(rebuilt(x), tr.f_train[k_], rtol=1e-9, atol=1e-11)
+            assert torch.allclose(rebuilt(xt), tr.f_test[k_], rtol=1e-9, atol=1e-11)
+            centres.append(xa)
+            resids.append(rebuilt(xa) - yy)
     assert (tr.x_adv - x).abs().max() <= 0.03 + 1e-15
     assert (tr.robust_loss >= tr.clean_loss - 1e-12).all()     # the attack never lowers the loss
     assert tr.robust_loss[-1] < tr.robust_loss[0]              # training lowers the robust loss
@@ -163,6 +169,12 @@ def test_model_is_not_modified():
     (lambda x, y: adversarial_kernel_training(mlp(1), x, y, steps=2, lr=0.0, eps=0.1), "lr"),
     (lambda x, y: adversarial_kernel_training(mlp(1), x, y, steps=2, lr=1.0, eps=0.1, x_test=torch.ones(2, 3)),
      "x_test"),
+    (lambda x, y: adversarial_kernel_training(mlp(1), x, y[:, None], steps=2, lr=1.0, eps=0.1, x_test=x[:2],
+                                              y_test=y[:2]), "y_test"),
+    (lambda x, y: adversarial_kernel_training(finite_mlp(4, 8, 1, 1), x, y, steps=2, lr=1.0, eps=0.1), "y_train"),
+    (lambda x, y: adversarial_kernel_training(mlp(1), x, y, steps=2, lr=1.0, eps=0.0, norm="l7"), "norm"),
+    (lambda x, y: adversarial_ntk(mlp(1), x, (y > 0).long(), eps=0.1), "y"),
+    (lambda x, y: adversarial_ntk(mlp(1), x, y, eps=0.1, x_train=x), "y_train"),
 ])
 def test_bad_input(call, match):
     x, y, _ = _data(6, 4)
