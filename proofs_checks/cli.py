@@ -16,12 +16,15 @@ def _verify(args: argparse.Namespace) -> int:
         for cid, chk in reg.items():
             print(f"{cid:5s} {chk.rigour:9s} {chk.title}")
         return 0
-    try:
-        results = run_checks(args.only or None, scale=args.scale, seed=args.seed,
-                             progress=lambda msg: print(f"running {msg} ...", file=sys.stderr, flush=True))
+    from .registry import get_check
+    try:                      # usage errors only; an exception inside a check is a bug and propagates
+        for cid in args.only or []:
+            get_check(cid)
     except ValueError as exc:
         print(f"awt verify: {exc}", file=sys.stderr)
         return 2
+    results = run_checks(args.only or None, scale=args.scale, seed=args.seed,
+                         progress=lambda msg: print(f"running {msg} ...", file=sys.stderr, flush=True))
     print(format_table(results))
     paths = write_report(results, args.out, scale=args.scale, seed=args.seed)
     print(f"\nreport: {paths['json']}  ({paths['md']})")
