@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.awt-installed
-# A CPU build of torch on this project's machines; override for a GPU build, e.g.
-#   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+# A CPU build of torch on this project's machines; override with the pip requirement of a
+# GPU build (or create .venv with one first: an importable torch is kept).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
