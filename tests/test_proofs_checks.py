@@ -112,4 +112,13 @@ def test_c6_holds_and_a_too_tight_bound_fails():
 
 def test_registry_order_is_numeric():
     ids = list(registry())
-    assert ids[:3] == ["C1", "C3", "C6"]
+    assert ids[:4] == ["C1", "C3", "C6", "C7"]
+
+
+def test_c7_linear_in_eps_and_a_quadratic_claim_fails():
+    from proofs_checks.checks.c07_adversarial_ntk_lipschitz import check_c7
+    for seed in range(3):
+        res = check_c7(seed=seed)
+        assert res.passed, res.summary()
+    assert abs(res.measured["slope"] - 1.0) < 0.05
+    assert not check_c7(seed=0, band=(1.9, 2.1)).passed
