@@ -71,6 +71,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ._checks import as_tensor, check_choice, check_finite, check_int
@@ -394,34 +395,51 @@ class _Jac:
     The bias is folded into the weight: the patches carry a last row of ones (``∂f/∂b = g_b Σ_pos δ``
     is the weight Jacobian of a constant input 1), so one batched GEMM per block of examples gives
     both, with the outputs stacked into its rows."""
-    dls: list[torch.Tensor]  # O x (N, C, P): the signals of each output
+    dls: list[torch.Tensor] | None  # O x (N, C, P): the signals of each output
     hl: torch.Tensor  # (N, K', P): the layer's input patches (im2col), then a row of ones with a bias
     coef: object  # float | (C, K'): g · sqrt(squared mask coefficient) of each (weight | bias) entry
+    # conv -> ReLU -> MaxPool2d (see _pool_patterns), instead of ``dls``: the signals at the pool output
+    # (N, O, C, Q) and the argmax positions in the conv output (N, C, Q), or P where the ReLU derivative
+    # there is 0; the conv-output signals are the former scattered to the latter (the windows do not
+    # overlap), column P (the positions to drop) left out
+    pool: tuple | None = None
 
     def parts(self, s: slice) -> list[torch.Tensor]:
         """``[(r, O, C*K')]``: rows ``s`` (example-major, then output) of ``∂f_o/∂[W | b]`` times the
         mask coefficients, ``Σ_pos δ_o(pos) ⊗ [h(pos) | 1]``. Example-major so that the ``O``
         signals of a chunk of examples are one ``(O C, P)`` operand of one GEMM per example."""
-        O, C, P = len(self.dls), self.dls[0].shape[1], self.dls[0].shape[2]
-        K = self.hl.shape[1]
+        if self.pool is not None:
+            dp, idx = self.pool
+            _, O, C, Q = dp.shape
+        else:
+            O, C = len(self.dls), self.dls[0].shape[1]
+        P, K = self.hl.shape[2], self.hl.shape[1]
         r = s.stop - s.start
         J = self.hl.new_empty((r, O, C, K))
         nb = max(1, min(r, _SIG_ELEMS // max(O * C * P, 1)))  # a cache-sized stack of signals
-        buf = self.hl.new_empty((nb, O, C, P))
+        if self.pool is not None:
+            buf1 = self.hl.new_empty((nb, O, C, P + 1))
+        else:
+            buf = self.hl.new_empty((nb, O, C, P))
         for i in range(s.start, s.stop, nb):
             j = min(i + nb, s.stop)
-            D = buf[:j - i]
-            for o in range(O):
-                D[:, o].copy_(self.dls[o][i:j])
-            torch.bmm(D.view(j - i, O * C, P), self.hl[i:j].transpose(1, 2),
-                      out=J[i - s.start:j - s.start].view(j - i, O * C, K))
+            if self.pool is not None:  # the conv-output signals: one scatter into the zeroed buffer
+                D1 = buf1[:j - i].zero_()
+                D1.scatter_(3, idx[i:j].unsqueeze(1).expand(j - i, O, C, Q), dp[i:j])
+                D = D1.as_strided((j - i, O * C, P), (O * C * (P + 1), P + 1, 1))  # column P left out
+            else:
+                D = buf[:j - i]
+                for o in range(O):
+                    D[:, o].copy_(self.dls[o][i:j])
+                D = D.view(j - i, O * C, P)
+            torch.bmm(D, self.hl[i:j].transpose(1, 2), out=J[i - s.start:j - s.start].view(j - i, O * C, K))
         if isinstance(self.coef, torch.Tensor) or self.coef != 1.0:
             J.mul_(self.coef)
         return [J.view(r, O, C * K)]
 
     @property
     def width(self) -> int:
-        return self.dls[0].shape[1] * self.hl.shape[1]
+        return (self.pool[0].shape[2] if self.pool is not None else self.dls[0].shape[1]) * self.hl.shape[1]
 
 
 @dataclass
@@ -495,31 +513,109 @@ def _signals(out: torch.Tensor, es: list[torch.Tensor], looped: bool) -> list:
     return res
 
 
-def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> _Features:
+def _unhooked(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def _pool_patterns(model: nn.Module, layers: list[_Layer]) -> dict[int, tuple[nn.Module, nn.Module]]:
+    """``{layer index: (relu, pool)}`` for the conv layers followed, in a plain ``nn.Sequential``, by
+    an ``nn.ReLU`` and an ``nn.MaxPool2d``: the conv output then reaches nothing but ReLU then the
+    pool, so its signals are those at the pool output scattered to the argmax positions, times the
+    ReLU derivative there (``pool output > 0``). Carrying the signals at the pool output saves the
+    backward passes through the full-resolution pool and ReLU. Checked again at run time."""
+    where: dict[int, tuple[nn.Sequential, int]] = {}
+    for m in model.modules():
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and _unhooked(m):
+            for j, c in enumerate(m):
+                where.setdefault(id(c), (m, j))
+    found = {}
+    for i, lay in enumerate(layers):
+        if lay.kind != "conv" or id(lay.module) not in where or not _unhooked(lay.module):
+            continue
+        seq, j = where[id(lay.module)]
+        if j + 2 >= len(seq):
+            continue
+        relu, pool = seq[j + 1], seq[j + 2]
+        if not (type(relu).forward is nn.ReLU.forward and type(pool).forward is nn.MaxPool2d.forward
+                and not pool.return_indices and not pool.ceil_mode and _unhooked(relu) and _unhooked(pool)):
+            continue
+        k = _pair(pool.kernel_size)
+        if k == _pair(pool.stride if pool.stride is not None else k) and _pair(pool.padding) == (0, 0) \
+                and _pair(pool.dilation) == (1, 1):
+            found[i] = (relu, pool)
+    return found
+
+
+def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor, pools: bool = True) -> _Features:
     """One forward pass recording every layer's input, one (batched) backward pass for the signals.
 
     Each hooked layer's output ``z`` is replaced by ``z + e`` with ``e = 0`` requiring grad,
     so ``∂f_o/∂e = ∂f_o/∂z = δ_o`` even when nothing upstream requires grad; the hooks
-    are removed before returning (the model is left as it was).
+    are removed before returning (the model is left as it was). For a conv -> ReLU -> MaxPool2d
+    pattern (see :func:`_pool_patterns`) ``e`` is added at the pool output instead and the argmax
+    indices and ReLU derivative there are recorded; if the pattern is not followed at run time the
+    trace is redone without it.
     """
     N = x.shape[0]
     recs: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in layers]
+    pats = _pool_patterns(prob.model, layers) if pools else {}
+    pinfo: dict[int, tuple] = {}  # layer index -> (argmax positions in the conv output (N, C, Q), P = H W)
+    pend_conv: dict[int, tuple] = {}  # id(conv output) -> (layer index, the tensor)
+    pend_relu: dict[int, tuple] = {}  # id(relu output) -> (layer index, the tensor)
+    broken: list[int] = []
 
     def hook_for(i):
         def hook(module, args, kwargs, output):
             h = args[0] if args else kwargs["input"]
+            if i in pats:
+                if recs[i] or not isinstance(output, torch.Tensor) or output.dim() != 4:
+                    broken.append(i)
+                else:
+                    pend_conv[id(output)] = (i, output)
+                recs[i].append((h.detach(), None))
+                return None
             e = torch.zeros_like(output).requires_grad_(True)
             recs[i].append((h.detach(), e))
             return output + e
         return hook
 
+    def relu_hook(module, args, kwargs, output):
+        h = args[0] if args else kwargs.get("input")
+        ent = pend_conv.pop(id(h), None)
+        if ent is not None and ent[1] is h:
+            pend_relu[id(output)] = (ent[0], output)
+
+    def pool_hook(module, args, kwargs, output):
+        h = args[0] if args else kwargs.get("input")
+        ent = pend_relu.pop(id(h), None)
+        if ent is None or ent[1] is not h or pats[ent[0]][1] is not module:
+            return None
+        i = ent[0]
+        _, idx = F.max_pool2d(h.detach(), module.kernel_size, module.stride, return_indices=True)
+        Nn, C = output.shape[:2]
+        P = h.shape[2] * h.shape[3]
+        idx.masked_fill_(output.detach() <= 0, P)  # ReLU derivative 0 at the argmax: to the dropped column
+        pinfo[i] = (idx.reshape(Nn, C, -1), P)
+        e = torch.zeros_like(output).requires_grad_(True)
+        recs[i][0] = (recs[i][0][0], e)
+        return output + e
+
     handles = [lay.module.register_forward_hook(hook_for(i), with_kwargs=True) for i, lay in enumerate(layers)]
+    seen: set[int] = set()
+    for relu, pool in pats.values():
+        for m, hk in ((relu, relu_hook), (pool, pool_hook)):
+            if id(m) not in seen:
+                seen.add(id(m))
+                handles.append(m.register_forward_hook(hk, with_kwargs=True))
     try:
         with torch.enable_grad():
             out = prob.forward(prob.diff, x)
     finally:
         for hd in handles:
             hd.remove()
+    if pats and (broken or any(len(recs[i]) != 1 or i not in pinfo for i in pats)):
+        return _trace(prob, layers, x, pools=False)
     O = out.shape[1]
     for lay, rec in zip(layers, recs):
         if not rec:
@@ -532,7 +628,7 @@ def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> _Features:
 
     feats = _Features(N, O)
     it = iter(grads)
-    for lay, rec in zip(layers, recs):
+    for i, (lay, rec) in enumerate(zip(layers, recs)):
         gs = [next(it) for _ in rec]  # per record: O tensors shaped like the layer's output
         sq_w = None if lay.w is None else _sq_simplify(prob.sq[lay.w] * lay.gw ** 2)
         sq_b = None if lay.b is None else _sq_simplify(prob.sq[lay.b] * lay.gb ** 2)
@@ -550,13 +646,22 @@ def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> _Features:
                 ones = hs.new_ones((N, 1, hs.shape[1]))
                 hl = ones if hl is None else torch.cat([hl, ones], 1)
             dls = [_cat([g[o].reshape(N, -1, C) for g in gs], 1).transpose(1, 2) for o in range(O)]  # (N, C, P)
+        elif i in pinfo:  # signals at the pool output, expanded to the conv output in _Jac.parts
+            idx, P = pinfo[i]
+            C, Q = idx.shape[1:]
+            dp = torch.stack([gs[0][o].reshape(N, C, Q) for o in range(O)], 1)  # (N, O, C, Q)
+            dls = None
+            if lay.w is not None:
+                hl = _conv_patches(lay.module, rec[0][0], lay.b is not None)  # (N, K', P)
+            else:
+                hl = rec[0][0].new_ones((1, 1, P)).expand(N, 1, -1)
         else:
             dls = [_cat([g[o].reshape(N, g[o].shape[1], -1) for g in gs], 2) for o in range(O)]  # (N, C, P)
             if lay.w is not None:
                 hl = _cat([_conv_patches(lay.module, h, lay.b is not None) for h, _ in rec], 2)  # (N, K', P)
             else:
                 hl = rec[0][0].new_ones((1, 1, dls[0].shape[2])).expand(N, 1, -1)
-        C = dls[0].shape[1]
+        C = dls[0].shape[1] if dls is not None else dp.shape[2]
         cs = []  # per column group of [W | b]: sqrt of the squared coefficients, (C, k) or a float
         if sq_w is not None:
             cs.append(math.sqrt(sq_w) if isinstance(sq_w, float) else sq_w.reshape(C, -1).sqrt())
@@ -569,7 +674,7 @@ def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> _Features:
             coef = torch.cat([c.expand(C, k) if isinstance(c, torch.Tensor) else hl.new_full((C, k), c)
                               for c, k in zip(cs, widths)], 1)  # (C, K')
         feats.layout.append((lay.name, "jac", (C,), tuple(hl.shape[1:2])))
-        feats.jacs.append(_Jac(dls, hl, coef))
+        feats.jacs.append(_Jac(dls, hl, coef, (dp, pinfo[i][0]) if i in pinfo else None))
     return feats
 
 

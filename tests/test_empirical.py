@@ -601,3 +601,83 @@ def test_cuda_same_code_path():
                 assert_rel(out, ref)
     cpu = empirical_ntk(model.cpu(), x1.cpu(), x2.cpu())
     assert_rel(empirical_ntk(model.cuda(), x1, x2).cpu(), cpu, 1e-8)
+
+
+# ------------------------------------------------------------------------------------------
+# Conv -> ReLU -> MaxPool2d: signals carried at the pool output (structured path)
+# ------------------------------------------------------------------------------------------
+def _pool_path_taken(model, x) -> list[bool]:
+    from ntk_theory import empirical as E
+    prob = E._prepare(model, None, None, "subnetwork", None)
+    layers = E._structured_layers(prob)
+    return [j.pool is not None for j in E._trace(prob, layers, x).jacs]
+
+
+def _relu_pool_cnn(variant: str) -> nn.Module:
+    torch.manual_seed(3)
+    act = nn.ReLU()
+    if variant == "plain":  # 11 -> 9 -> 4 (floor: a row and a column of the conv output uncovered)
+        body = [nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), NTKConv2d(3, 4, 3, sigma_b=0.2), nn.ReLU(inplace=True),
+                nn.MaxPool2d((1, 3), stride=(1, 3))]  # 4 -> 4 (same padding) -> 4x1
+        head = 4 * 4 * 1
+    elif variant == "shared_relu_nobias":
+        body = [nn.Conv2d(1, 3, 3, bias=False), act, nn.MaxPool2d(2), nn.Conv2d(3, 2, 2, padding=1, stride=2), act,
+                nn.MaxPool2d(2)]  # 11 -> 9 -> 4 -> 3 -> 1
+        head = 2
+    elif variant == "overlapping":  # not the pattern: ordinary path
+        body = [nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(3, stride=2)]  # 11 -> 9 -> 4
+        head = 3 * 4 * 4
+    else:
+        raise ValueError(variant)
+    return nn.Sequential(*body, nn.Flatten(), nn.Linear(head, 5), nn.ReLU(), nn.Linear(5, 3)).to(D)
+
+
+@pytest.mark.parametrize("variant,taken", [("plain", [True, True]), ("shared_relu_nobias", [True, True]),
+                                           ("overlapping", [False])])
+@pytest.mark.parametrize("masked", [None, "subnetwork", "ntt"])
+def test_conv_relu_maxpool_path_matches_reference(variant, taken, masked):
+    model = _relu_pool_cnn(variant)
+    g = _gen(5)
+    x1 = torch.randn(6, 1, 11, 11, generator=g, dtype=D)
+    x1[0] = -1.0  # ties in every window (and ReLU derivative 0 at the argmax)
+    x1[1] = x1[1].round()  # ties
+    x2 = torch.randn(4, 1, 11, 11, generator=g, dtype=D)
+    assert _pool_path_taken(model, x1) == taken
+    kw = {}
+    if masked:
+        kw = dict(mask=random_mask(model, 0.5, generator=4, include_bias=True), mask_mode=masked)
+    for mode in ("full", "trace", "diagonal"):
+        for xb in ((None,) if mode == "diagonal" else (x2, None)):
+            ref = empirical_ntk(model, x1, xb, mode=mode, method="jacobian", **kw)
+            for bs in (None, 2):
+                assert_rel(empirical_ntk(model, x1, xb, mode=mode, method="structured", block_size=bs, **kw), ref)
+
+
+def test_conv_relu_maxpool_signal_chunks_and_fallbacks(monkeypatch):
+    from ntk_theory import empirical as E
+    model = _relu_pool_cnn("plain")
+    x = torch.randn(7, 1, 11, 11, generator=_gen(6), dtype=D)
+    ref = empirical_ntk(model, x, method="jacobian")
+    monkeypatch.setattr(E, "_SIG_ELEMS", 200)  # one example per chunk of signals
+    assert_rel(empirical_ntk(model, x, method="structured"), ref)
+    monkeypatch.undo()
+    # the conv called twice (weight reuse): the pattern is not followed at run time -> ordinary trace
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 1, 3)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seq = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2))
+            self.fc = nn.Linear(16 + 81, 2)
+
+        def forward(self, x):
+            return self.fc(torch.cat([self.seq(x).flatten(1), conv(x).flatten(1)], 1))
+
+    tw = Twice().to(D)
+    assert _pool_path_taken(tw, x) == [False]
+    assert_rel(empirical_ntk(tw, x, method="structured"), empirical_ntk(tw, x, method="jacobian"))
+    # a user hook on the pool: the pattern is not assumed
+    model.get_submodule("2").register_forward_hook(lambda m, a, o: o * 2)
+    assert _pool_path_taken(model, x) == [False, True]
+    assert_rel(empirical_ntk(model, x, method="structured"), empirical_ntk(model, x, method="jacobian"))
