@@ -72,10 +72,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
+from torch.nn.utils import parametrize
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ._checks import as_tensor, check_choice, check_finite, check_int
-from .layers import NTKConv2d, NTKLinear
+from .layers import Erf, NTKConv2d, NTKLinear
 from .masks import canonical_name, get_mask, validate_mask
 
 __all__ = ["empirical_ntk", "MODES", "METHODS", "MASK_MODES"]
@@ -97,6 +98,9 @@ _JAC_ELEMS = 1 << 28
 _SYM_SPLIT_ROWS = (512, 1024)
 # Elements of the stacked signals of one chunk of examples in an explicit Jacobian GEMM (8 MiB in float64).
 _SIG_ELEMS = 1 << 20
+# Pooled positions per channel from which the pool-form Jacobian of a conv -> ReLU -> MaxPool2d is
+# gathered rather than scattered (measured: LeNet-5's 12 x 12 pool output gains, its 4 x 4 one loses).
+_GATHER_MIN_Q = 64
 
 # Module forwards whose computation is known to be op(h, weight_gain*W, bias_gain*b).
 _LINEAR_FORWARDS = (nn.Linear.forward, NTKLinear.forward)
@@ -416,6 +420,8 @@ class _Jac:
         P, K = self.hl.shape[2], self.hl.shape[1]
         r = s.stop - s.start
         J = self.hl.new_empty((r, O, C, K))
+        if self.pool is not None and Q >= _GATHER_MIN_Q:
+            return self._gathered(s, J)
         nb = max(1, min(r, _SIG_ELEMS // max(O * C * P, 1)))  # a cache-sized stack of signals
         if self.pool is not None:
             buf1 = self.hl.new_empty((nb, O, C, P + 1))
@@ -433,6 +439,29 @@ class _Jac:
                     D[:, o].copy_(self.dls[o][i:j])
                 D = D.view(j - i, O * C, P)
             torch.bmm(D, self.hl[i:j].transpose(1, 2), out=J[i - s.start:j - s.start].view(j - i, O * C, K))
+        if isinstance(self.coef, torch.Tensor) or self.coef != 1.0:
+            J.mul_(self.coef)
+        return [J.view(r, O, C * K)]
+
+    def _gathered(self, s: slice, J: torch.Tensor) -> list[torch.Tensor]:
+        """The pool form by gathering instead of scattering: ``J[n, o, c] = Σ_q dp[n, o, c, q] ·
+        [h | 1](idx[n, c, q])``, one ``(O, Q) @ (Q, K')`` product per example and channel (a quarter
+        of the FLOPs of the scattered GEMM for 2 x 2 pools; faster when ``Q`` is large)."""
+        dp, idx = self.pool
+        _, O, C, Q = dp.shape
+        K, P = self.hl.shape[1], self.hl.shape[2]
+        hT = self.hl.transpose(1, 2)  # (N, P, K')
+        if not hT.is_contiguous():
+            hT = hT.contiguous()
+        r = s.stop - s.start
+        nb = max(1, min(r, _SIG_ELEMS // max(C * K * Q, 1)))
+        for i in range(s.start, s.stop, nb):
+            j = min(i + nb, s.stop)
+            dead = idx[i:j] >= P  # ReLU' = 0 at the argmax: no signal, any valid index
+            dps = dp[i:j].masked_fill(dead.unsqueeze(1), 0).transpose(1, 2).contiguous()  # (n, C, O, Q)
+            rows = idx[i:j].masked_fill(dead, 0) + torch.arange(i - i, j - i, device=idx.device).view(-1, 1, 1) * P
+            Pg = hT[i:j].reshape(-1, K).index_select(0, rows.reshape(-1)).view(j - i, C, Q, K)
+            J[i - s.start:j - s.start].copy_(torch.matmul(dps, Pg).transpose(1, 2))  # (n, C, O, K')
         if isinstance(self.coef, torch.Tensor) or self.coef != 1.0:
             J.mul_(self.coef)
         return [J.view(r, O, C * K)]
@@ -460,7 +489,9 @@ class _Features:
 
 def _conv_patches(module: nn.Conv2d, h: torch.Tensor, ones: bool) -> torch.Tensor:
     """im2col: ``(N, C_in, H, W)`` -> ``(N, C_in k k (+ 1), P)`` in the order of ``weight.reshape(C_out, -1)``,
-    with a last row of ones if ``ones``. A strided view copied once (cheaper than ``F.unfold``)."""
+    with a last row of ones if ``ones``. A strided view copied once (cheaper than ``F.unfold``), stored
+    positions-major (the result is the transpose of a contiguous ``(N, P, K')``) so that the patch of
+    one position is a contiguous row for the gathers of :meth:`_Jac._gathered`."""
     kh, kw = module.kernel_size
     sh, sw = module.stride
     dh, dw = module.dilation
@@ -473,13 +504,13 @@ def _conv_patches(module: nn.Conv2d, h: torch.Tensor, ones: bool) -> torch.Tenso
     N, Cin, H, W = h.shape
     OH, OW = (H - dh * (kh - 1) - 1) // sh + 1, (W - dw * (kw - 1) - 1) // sw + 1
     K = Cin * kh * kw
-    out = h.new_empty((N, K + int(ones), OH * OW))
+    out = h.new_empty((N, OH * OW, K + int(ones)))  # positions-major storage: a patch is contiguous
     s0, s1, s2, s3 = h.stride()
-    view = h.as_strided((N, Cin, kh, kw, OH, OW), (s0, s1, dh * s2, dw * s3, sh * s2, sw * s3), h.storage_offset())
-    out[:, :K].view(N, Cin, kh, kw, OH, OW).copy_(view)
+    view = h.as_strided((N, OH, OW, Cin, kh, kw), (s0, sh * s2, sw * s3, s1, dh * s2, dw * s3), h.storage_offset())
+    out[:, :, :K].view(N, OH, OW, Cin, kh, kw).copy_(view)
     if ones:
-        out[:, K].fill_(1)
-    return out
+        out[:, :, K].fill_(1)
+    return out.transpose(1, 2)
 
 
 def _cat(ts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -630,8 +661,7 @@ def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor, pools: bool = 
     it = iter(grads)
     for i, (lay, rec) in enumerate(zip(layers, recs)):
         gs = [next(it) for _ in rec]  # per record: O tensors shaped like the layer's output
-        sq_w = None if lay.w is None else _sq_simplify(prob.sq[lay.w] * lay.gw ** 2)
-        sq_b = None if lay.b is None else _sq_simplify(prob.sq[lay.b] * lay.gb ** 2)
+        sq_w, sq_b = _sq_of(prob, lay)
         if lay.kind == "linear":
             K, C = rec[0][0].shape[-1], rec[0][1].shape[-1]
             hs = _cat([h.reshape(N, -1, K) for h, _ in rec], 1)  # (N, P, K)
@@ -662,19 +692,295 @@ def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor, pools: bool = 
             else:
                 hl = rec[0][0].new_ones((1, 1, dls[0].shape[2])).expand(N, 1, -1)
         C = dls[0].shape[1] if dls is not None else dp.shape[2]
-        cs = []  # per column group of [W | b]: sqrt of the squared coefficients, (C, k) or a float
-        if sq_w is not None:
-            cs.append(math.sqrt(sq_w) if isinstance(sq_w, float) else sq_w.reshape(C, -1).sqrt())
-        if sq_b is not None:
-            cs.append(math.sqrt(sq_b) if isinstance(sq_b, float) else sq_b.sqrt().unsqueeze(1))
-        if all(isinstance(c, float) for c in cs) and len(set(cs)) == 1:
-            coef = cs[0]
-        else:
-            widths = [hl.shape[1] - 1, 1] if len(cs) == 2 else [hl.shape[1]]
-            coef = torch.cat([c.expand(C, k) if isinstance(c, torch.Tensor) else hl.new_full((C, k), c)
-                              for c, k in zip(cs, widths)], 1)  # (C, K')
         feats.layout.append((lay.name, "jac", (C,), tuple(hl.shape[1:2])))
-        feats.jacs.append(_Jac(dls, hl, coef, (dp, pinfo[i][0]) if i in pinfo else None))
+        feats.jacs.append(_Jac(dls, hl, _jac_coef(sq_w, sq_b, C, hl), (dp, pinfo[i][0]) if i in pinfo else None))
+    return feats
+
+
+def _sq_of(prob: _Problem, lay: _Layer) -> tuple[object, object]:
+    """The squared coefficients ``g² · (mask coefficient)²`` of a layer's weight and bias (None if absent)."""
+    sq_w = None if lay.w is None else _sq_simplify(prob.sq[lay.w] * lay.gw ** 2)
+    sq_b = None if lay.b is None else _sq_simplify(prob.sq[lay.b] * lay.gb ** 2)
+    return sq_w, sq_b
+
+
+def _jac_coef(sq_w, sq_b, C: int, hl: torch.Tensor):
+    """The multiplier of an explicit Jacobian ``(C, K')`` (or one float): the square roots of the
+    squared coefficients of the ``[W | b]`` columns."""
+    cs = []  # per column group of [W | b]: sqrt of the squared coefficients, (C, k) or a float
+    if sq_w is not None:
+        cs.append(math.sqrt(sq_w) if isinstance(sq_w, float) else sq_w.reshape(C, -1).sqrt())
+    if sq_b is not None:
+        cs.append(math.sqrt(sq_b) if isinstance(sq_b, float) else sq_b.sqrt().unsqueeze(1))
+    if all(isinstance(c, float) for c in cs) and len(set(cs)) == 1:
+        return cs[0]
+    widths = [hl.shape[1] - 1, 1] if len(cs) == 2 else [hl.shape[1]]
+    return torch.cat([c.expand(C, k) if isinstance(c, torch.Tensor) else hl.new_full((C, k), c)
+                      for c, k in zip(cs, widths)], 1)  # (C, K')
+
+
+# The sequential engine: plain nn.Sequential models of the modules below are traced without autograd.
+_ACT_FORWARDS = {nn.ReLU.forward: "relu", nn.LeakyReLU.forward: "leaky_relu", nn.Tanh.forward: "tanh",
+                 nn.Sigmoid.forward: "sigmoid", Erf.forward: "erf", nn.Identity.forward: "identity"}
+
+
+def _no_global_hooks() -> bool:
+    """No module hooks registered globally (``nn.modules.module.register_module_forward_hook`` & co.)."""
+    from torch.nn.modules import module as _m
+    return not any(getattr(_m, n, None) for n in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                   "_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+def _conv_padding(m: nn.Conv2d) -> tuple[int, int] | None:
+    """The symmetric numeric padding of a conv, or None where it is asymmetric ('same' with an even span)."""
+    if isinstance(m.padding, str):
+        if m.padding == "valid":
+            return (0, 0)
+        left_w, right_w, top_h, bottom_h = m._reversed_padding_repeated_twice
+        return (top_h, left_w) if (left_w == right_w and top_h == bottom_h) else None
+    return _pair(m.padding)
+
+
+def _sequential_plan(model: nn.Module) -> list[tuple[str, nn.Module, str]] | None:
+    """``[(name, module, kind)]`` of a plain (possibly nested) ``nn.Sequential`` whose modules are
+    all of the kinds the engine knows (``linear``, ``conv``, ``flatten``, ``maxpool`` or an
+    elementwise activation of ``_ACT_FORWARDS``), each used once and without hooks; else None."""
+    if not _no_global_hooks():
+        return None
+    plan: list[tuple[str, nn.Module, str]] = []
+
+    def walk(seq: nn.Module, prefix: str) -> bool:
+        if not (isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward and _unhooked(seq)):
+            return False
+        for name, m in seq._modules.items():
+            if m is None:
+                continue
+            full = prefix + name
+            if isinstance(m, nn.Sequential):
+                if not walk(m, full + "."):
+                    return False
+                continue
+            if not _unhooked(m):
+                return False
+            fwd = type(m).forward
+            if fwd in _LINEAR_FORWARDS:
+                kind = "linear"
+            elif fwd in _CONV_FORWARDS:
+                if m.groups != 1 or m.padding_mode != "zeros" or _conv_padding(m) is None:
+                    return False
+                kind = "conv"
+            elif fwd in _ACT_FORWARDS:
+                kind = _ACT_FORWARDS[fwd]
+            elif fwd is nn.Flatten.forward:
+                kind = "flatten"
+            elif fwd is nn.MaxPool2d.forward and not m.return_indices:
+                kind = "maxpool"
+            else:
+                return False
+            if kind not in ("linear", "conv") and (any(True for _ in m.parameters()) or any(True for _ in m.buffers())):
+                return False
+            for t in ("weight", "bias"):
+                if kind in ("linear", "conv") and parametrize.is_parametrized(m, t):
+                    try:
+                        if get_mask(m, t) is None:
+                            return False
+                    except ValueError:
+                        return False
+            plan.append((full, m, kind))
+        return True
+
+    if not walk(model, "") or len({id(m) for _, m, _ in plan}) != len(plan):
+        return None
+    return plan
+
+
+def _pool_form(plan, j: int) -> bool:
+    """Is the conv at ``plan[j]`` followed by ReLU and a non-overlapping, unpadded MaxPool2d?"""
+    if j + 2 >= len(plan) or plan[j + 1][2] != "relu" or plan[j + 2][2] != "maxpool":
+        return False
+    pool = plan[j + 2][1]
+    k = _pair(pool.kernel_size)
+    return (k == _pair(pool.stride if pool.stride is not None else k) and _pair(pool.padding) == (0, 0)
+            and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode)
+
+
+def _trace_sequential(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> _Features | None:
+    """:func:`_trace` for plain ``nn.Sequential`` models (see :func:`_sequential_plan`), without autograd.
+
+    The forward pass computes each differentiated convolution as a GEMM on its im2col patches
+    (which the Jacobian needs anyway) and pools once, with indices. The signals of all ``O``
+    outputs are then propagated together, as one batch of ``O N`` cotangents laid out ``(O, N, ...)``:
+    ``δ ← δ W`` through a dense layer, the input gradient of the convolution
+    (``aten.convolution_backward``) through a conv, a scatter-add of the pooling indices through
+    max-pooling and the product with ``φ'(z)`` through an activation (ReLU: ``1[z > 0]``, as
+    autograd). The propagation stops at the earliest layer that needs its signals. Returns None
+    (and the caller falls back to :func:`_trace`) where the model is not such a ``Sequential`` or
+    the input does not fit it.
+    """
+    plan = _sequential_plan(prob.model)
+    if plan is None:
+        return None
+    pos = {id(m): j for j, (_, m, _) in enumerate(plan)}
+    if any(id(lay.module) not in pos for lay in layers):
+        return None
+    lay_at = {pos[id(lay.module)]: i for i, lay in enumerate(layers)}
+
+    def value(raw: str) -> torch.Tensor:
+        if raw in prob.diff:
+            v = prob.diff[raw]
+            return v * prob.mult[raw] if raw in prob.mult else v
+        return prob.fixed[raw]
+
+    def effective(name: str, m: nn.Module, t: str) -> torch.Tensor | None:
+        if parametrize.is_parametrized(m, t):
+            raw = f"{name}.parametrizations.{t}.original"
+            mask, scale = get_mask(m, t)
+            keep = prob.fixed.get(f"{name}.parametrizations.{t}.0.mask", mask)
+            w = torch.where(keep, value(raw), value(raw).new_zeros(()))
+            return w * scale if scale != 1.0 else w
+        return None if getattr(m, t) is None else value(f"{name}.{t}")
+
+    N = x.shape[0]
+    h = x
+    back: list[tuple] = []  # per module: what its backward needs
+    rec: dict[int, dict] = {}  # layer index -> recorded inputs
+    with torch.no_grad():
+        for j, (name, m, kind) in enumerate(plan):
+            i = lay_at.get(j)
+            if kind == "linear":
+                if h.dim() != 2 or h.shape[1] != m.in_features:
+                    return None
+                gw, gb = float(getattr(m, "weight_gain", 1.0)), float(getattr(m, "bias_gain", 1.0))
+                W, b = effective(name, m, "weight"), effective(name, m, "bias")
+                Wg = W * gw if gw != 1.0 else W
+                z = F.linear(h, Wg, None if b is None else (b * gb if gb != 1.0 else b))
+                if i is not None:
+                    rec[i] = {"h": h}
+                back.append(("linear", Wg))
+            elif kind == "conv":
+                if h.dim() != 4 or h.shape[1] != m.in_channels:
+                    return None
+                gw, gb = float(getattr(m, "weight_gain", 1.0)), float(getattr(m, "bias_gain", 1.0))
+                W, b = effective(name, m, "weight"), effective(name, m, "bias")
+                Wg = W * gw if gw != 1.0 else W
+                bg = None if b is None else (b * gb if gb != 1.0 else b)
+                pad = _conv_padding(m)
+                (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+                OH = (h.shape[2] + 2 * pad[0] - dh * (kh - 1) - 1) // sh + 1
+                OW = (h.shape[3] + 2 * pad[1] - dw * (kw - 1) - 1) // sw + 1
+                if OH < 1 or OW < 1:
+                    return None
+                if i is not None and layers[i].w is not None:
+                    hl = _conv_patches(m, h, layers[i].b is not None)  # (N, K(+1), P)
+                    K = Wg[0].numel()
+                    z = torch.matmul(Wg.reshape(Wg.shape[0], K), hl[:, :K])
+                    if bg is not None:
+                        z.add_(bg.view(1, -1, 1))
+                    z = z.view(N, -1, OH, OW)
+                    rec[i] = {"hl": hl}
+                else:
+                    z = F.conv2d(h, Wg, bg, m.stride, m.padding, m.dilation)
+                    if i is not None:
+                        rec[i] = {"P": OH * OW}
+                back.append(("conv", Wg, tuple(h.shape), pad))
+            elif kind == "flatten":
+                start = m.start_dim % h.dim() if h.dim() else 0
+                if h.dim() < 2 or start == 0:
+                    return None
+                back.append(("reshape", tuple(h.shape)))
+                z = m(h)
+            elif kind == "maxpool":
+                if h.dim() != 4:
+                    return None
+                z, idx = F.max_pool2d(h, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode,
+                                      return_indices=True)
+                back.append(("maxpool", idx, tuple(h.shape), z))
+            else:  # elementwise activation: the derivative, as autograd computes it
+                if kind == "relu":
+                    z, d = h.clamp_min(0), h > 0
+                elif kind == "leaky_relu":
+                    z = F.leaky_relu(h, m.negative_slope)
+                    d = torch.where(h > 0, h.new_ones(()), h.new_full((), m.negative_slope))
+                elif kind == "tanh":
+                    z = torch.tanh(h)
+                    d = 1 - z * z
+                elif kind == "sigmoid":
+                    z = torch.sigmoid(h)
+                    d = z * (1 - z)
+                elif kind == "erf":
+                    z, d = torch.erf(h), torch.exp(-h * h) * (2 / math.sqrt(math.pi))
+                else:
+                    z, d = h, None
+                back.append(("act", d, z))
+            h = z
+        if h.dim() < 1 or h.shape[0] != N:
+            return None
+        O = h[0].numel()
+
+        # where each layer's signals are taken: the pool output for conv -> ReLU -> MaxPool2d
+        take = {(j + 2 if plan[j][2] == "conv" and _pool_form(plan, j) else j): i for j, i in lay_at.items()}
+        first = min(take)
+        G = torch.eye(O, dtype=h.dtype, device=h.device).view((O, 1) + tuple(h.shape[1:])).expand(
+            (O,) + tuple(h.shape))
+        sig: dict[int, torch.Tensor] = {}
+        relu_done = -1
+        for j in range(len(plan) - 1, first - 1, -1):
+            if j in take:
+                sig[take[j]] = G
+            if j == first:
+                break
+            op = back[j]
+            if op[0] == "linear":
+                G = torch.matmul(G, op[1])
+            elif op[0] == "conv":
+                _, Wg, shape, pad = op
+                m = plan[j][1]
+                Gf = G.reshape((O * N,) + tuple(G.shape[2:]))
+                G = torch.ops.aten.convolution_backward(
+                    Gf, Gf.new_empty(1).expand((O * N,) + shape[1:]), Wg, None, m.stride, pad, m.dilation,
+                    False, [0, 0], 1, (True, False, False))[0].view((O,) + shape)
+            elif op[0] == "reshape":
+                G = G.reshape((O,) + op[1])
+            elif op[0] == "maxpool":
+                _, idx, shape, pooled = op
+                C, Q = idx.shape[1], idx.shape[2] * idx.shape[3]
+                if plan[j - 1][2] == "relu":  # ReLU' at the argmax is 1[pool output > 0]: applied here,
+                    G = G * (pooled > 0)  # on the smaller tensor, and the ReLU below is skipped
+                    relu_done = j - 1
+                Gi = G.new_zeros((O * N, C, shape[2] * shape[3]))
+                Gi.scatter_add_(2, idx.view(1, N, C, Q).expand(O, N, C, Q).reshape(O * N, C, Q),
+                                G.reshape(O * N, C, Q))
+                G = Gi.view((O,) + shape)
+            elif op[1] is not None and relu_done != j:  # activation
+                G = G * op[1]
+
+    feats = _Features(N, O)
+    for i, lay in enumerate(layers):
+        sq_w, sq_b = _sq_of(prob, lay)
+        r, d = rec[i], sig[i]
+        C = lay.module.out_features if lay.kind == "linear" else lay.module.out_channels
+        if lay.kind == "linear":
+            K = lay.module.in_features
+            feats.layout.append((lay.name, "gram", (C,), (K,)))
+            feats.grams.append(_Gram(r["h"] if lay.w is not None else None, d.reshape(O, N, C).contiguous(),
+                                     sq_w, sq_b))
+            continue
+        j = pos[id(lay.module)]
+        if "hl" in r:
+            hl = r["hl"]
+        else:
+            P = r["P"]
+            hl = x.new_ones((1, 1, P)).expand(N, 1, -1)
+        P = hl.shape[2]
+        pool = dls = None
+        if _pool_form(plan, j):  # signals at the pool output; argmax positions, P where ReLU' = 0 there
+            _, idx, _, pooled = back[j + 2]
+            idx = idx.reshape(N, C, -1).masked_fill(pooled.reshape(N, C, -1) <= 0, P)
+            pool = (d.reshape(O, N, C, -1).transpose(0, 1).contiguous(), idx)
+        else:
+            dls = [d[o].reshape(N, C, P) for o in range(O)]
+        feats.layout.append((lay.name, "jac", (C,), tuple(hl.shape[1:2])))
+        feats.jacs.append(_Jac(dls, hl, _jac_coef(sq_w, sq_b, C, hl), pool))
     return feats
 
 
@@ -899,8 +1205,8 @@ def _gram_diag(g: _Gram, s: slice) -> torch.Tensor:
 def _structured(prob: _Problem, layers: list[_Layer], x1: torch.Tensor, x2: torch.Tensor | None,
                 mode: str, bs: int | None) -> torch.Tensor:
     sym = x2 is None
-    F1 = _trace(prob, layers, x1)
-    F2 = F1 if sym else _trace(prob, layers, x2)
+    F1 = _trace_sequential(prob, layers, x1) or _trace(prob, layers, x1)
+    F2 = F1 if sym else (_trace_sequential(prob, layers, x2) or _trace(prob, layers, x2))
     N1, N2, O = F1.N, F2.N, F1.O
     if O != F2.O:
         raise ValueError(f"x2: the model gives {F2.O} outputs on x2 but {F1.O} on x1")

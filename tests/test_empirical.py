@@ -255,7 +255,7 @@ def test_conv_geometry_variants():
 # ------------------------------------------------------------------------------------------
 # Hypothesis: random small architectures, masks, modes, blocks
 # ------------------------------------------------------------------------------------------
-_ACTS = [nn.ReLU, nn.Tanh, Erf, nn.Identity, nn.Softplus, nn.GELU]
+_ACTS = [nn.ReLU, nn.Tanh, Erf, nn.Identity, nn.Softplus, nn.GELU, nn.LeakyReLU, nn.Sigmoid]
 
 
 @st.composite
@@ -322,6 +322,12 @@ def test_hypothesis_structured_and_jvp_match_reference(arch, n1, n2, data):
     ref = empirical_ntk(model, x1, x2, mode=mode, method="jacobian", **kw)
     for method in ("structured", "jvp"):
         assert_rel(empirical_ntk(model, x1, x2, mode=mode, method=method, block_size=bs, **kw), ref)
+    if data.draw(st.booleans()):  # the autograd trace where the sequential engine would apply
+        from unittest import mock
+
+        from ntk_theory import empirical as E
+        with mock.patch.object(E, "_trace_sequential", lambda *a: None):
+            assert_rel(empirical_ntk(model, x1, x2, mode=mode, method="structured", block_size=bs, **kw), ref)
 
 
 # ------------------------------------------------------------------------------------------
@@ -681,3 +687,117 @@ def test_conv_relu_maxpool_signal_chunks_and_fallbacks(monkeypatch):
     model.get_submodule("2").register_forward_hook(lambda m, a, o: o * 2)
     assert _pool_path_taken(model, x) == [False, True]
     assert_rel(empirical_ntk(model, x, method="structured"), empirical_ntk(model, x, method="jacobian"))
+
+
+# ------------------------------------------------------------------------------------------
+# The sequential engine (plain nn.Sequential traced without autograd) against the reference
+# ------------------------------------------------------------------------------------------
+def _engine_taken(model, x, **kw) -> bool:
+    from ntk_theory import empirical as E
+    prob = E._prepare(model, kw.get("params"), kw.get("mask"), kw.get("mask_mode", "subnetwork"), None)
+    return E._trace_sequential(prob, E._structured_layers(prob), x.to(D)) is not None
+
+
+def _all_paths_match(model, x1, x2=None, **kw):
+    """structured (engine where taken, and the autograd trace forced) equals the jacobian reference."""
+    from unittest import mock
+
+    from ntk_theory import empirical as E
+    for mode in ("full", "trace", "diagonal"):
+        xb = None if mode == "diagonal" else x2
+        ref = empirical_ntk(model, x1, xb, mode=mode, method="jacobian", **kw)
+        assert_rel(empirical_ntk(model, x1, xb, mode=mode, method="structured", **kw), ref)
+        with mock.patch.object(E, "_trace_sequential", lambda *a: None):
+            assert_rel(empirical_ntk(model, x1, xb, mode=mode, method="structured", **kw), ref)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, Erf, nn.Identity])
+def test_engine_activations_and_nested_sequentials(act):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), act()),
+                          nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(3, 2, 2, stride=2, bias=False), act()),
+                          nn.Flatten(), nn.Linear(2 * 2 * 2, 4), act(), NTKLinear(4, 3, sigma_b=0.5)).to(D)
+    g = _gen(2)
+    x1, x2 = torch.randn(5, 2, 8, 8, generator=g, dtype=D), torch.randn(3, 2, 8, 8, generator=g, dtype=D)
+    x1[0] = 0.0  # activations at exactly 0 (ReLU' = 0 there, as autograd), ties in every pool window
+    assert _engine_taken(model, x1)
+    _all_paths_match(model, x1, x2)
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(3, stride=2), nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, ceil_mode=True),
+                                  nn.MaxPool2d(2, dilation=2), nn.MaxPool2d((2, 1))])
+def test_engine_pooling_geometries_after_relu(pool):
+    """Overlapping windows (scatter-add), padding, ceil mode, dilation, rectangular windows."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), pool, nn.Conv2d(3, 2, 2), nn.ReLU(), nn.Flatten(1, -1))
+    x = torch.randn(4, 1, 11, 11, generator=_gen(3), dtype=D)
+    with torch.no_grad():
+        out = model.to(D)(x)
+    model.append(nn.Linear(out[0].numel(), 2).to(D))
+    x[1] = x[1].round()  # ties
+    assert _engine_taken(model, x)
+    _all_paths_match(model, x, torch.randn(2, 1, 11, 11, generator=_gen(4), dtype=D))
+
+
+@pytest.mark.parametrize("masked", ["apply", "apply_rescale", "subnetwork", "ntt", "apply+ntt"])
+def test_engine_masks_and_parametrised_models(masked):
+    model = lenet()
+    x1, x2 = torch.randn(4, 1, 12, 12, generator=_gen(5), dtype=D), torch.randn(3, 1, 12, 12, generator=_gen(6), dtype=D)
+    m = random_mask(model, 0.5, generator=7, include_bias=True)
+    kw = {}
+    if masked.startswith("apply"):
+        model = copy.deepcopy(model)
+        apply_mask(model, m, rescale=masked == "apply_rescale")
+        if masked == "apply+ntt":
+            kw = dict(mask_mode="ntt")
+    else:
+        kw = dict(mask=m, mask_mode=masked)
+    assert _engine_taken(model, x1, **kw)
+    _all_paths_match(model, x1, x2, **kw)
+
+
+def test_engine_output_shapes_and_params_subsets():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3)).to(D)  # output (N, 2, 4, 4): O = 32
+    x = torch.randn(3, 1, 8, 8, generator=_gen(8), dtype=D)
+    assert _engine_taken(model, x)
+    _all_paths_match(model, x, torch.randn(2, 1, 8, 8, generator=_gen(9), dtype=D))
+    params = {"0.bias": model[0].bias.detach(), "2.weight": model[2].weight.detach() * 2}  # bias-only conv layer
+    assert _engine_taken(model, x, params=params)
+    _all_paths_match(model, x, params=params)
+
+
+def test_engine_declines_what_it_does_not_know():
+    """Unknown modules, custom forwards, hooks, reused modules, asymmetric padding, batch-merging
+    flatten: the autograd trace takes over, with the same result."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 1, 8, 8, generator=_gen(10), dtype=D)
+
+    def net(*mid, head=2 * 6 * 6):
+        return nn.Sequential(nn.Conv2d(1, 2, 3), *mid, nn.Flatten(), nn.Linear(head, 2)).to(D)
+
+    relu = nn.ReLU()
+    hooked = net(nn.ReLU())
+    hooked[1].register_forward_hook(lambda m, a, o: o * 2)
+
+    class MySeq(nn.Sequential):
+        def forward(self, x):
+            return super().forward(x) * 3
+
+    cases = [net(nn.Softplus()), net(nn.AvgPool2d(1)), hooked, net(relu, relu),
+             nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Flatten(), nn.Linear(128, 2)).to(D),
+             MySeq(nn.Flatten(), nn.Linear(64, 2)).to(D)]
+    for model in cases:
+        assert not _engine_taken(model, x), model
+        assert_rel(empirical_ntk(model, x, method="structured"), empirical_ntk(model, x, method="jacobian"))
+    # a global module hook switches the engine off
+    model = net(nn.ReLU())
+    handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        assert not _engine_taken(model, x)
+    finally:
+        handle.remove()
+    assert _engine_taken(model, x)
+    # an input that does not fit the model: the autograd trace raises torch's own error
+    with pytest.raises(RuntimeError):
+        empirical_ntk(model, torch.randn(2, 1, 9, 9, dtype=D), method="structured")
