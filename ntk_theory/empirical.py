@@ -28,7 +28,13 @@ three ways that agree to float64 round-off:
     are taken by autograd through whatever the model does. One forward pass
     records every layer input ``h``; a backward pass per output (batched over the
     ``O`` cotangents with vmap, or a plain loop for convolutional models) gives every
-    ``δ``. Nothing of size ``N x (number of parameters)`` is formed for dense layers:
+    ``δ``. A plain ``nn.Sequential`` of ``Linear``/``Conv2d`` (NTK subclasses and awt
+    masks included), ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Erf``, ``Identity``,
+    ``Flatten`` and ``MaxPool2d`` is traced without autograd instead: the convolutions
+    are GEMMs on the im2col patches that the Jacobians need anyway, and the ``O``
+    cotangents go down as one batch of ``O N`` (``δ ← δ W``, the convolution's input
+    gradient, the pooling indices, ``φ'(z)``), stopping at the first layer with
+    parameters. Nothing of size ``N x (number of parameters)`` is formed for dense layers:
     memory is ``O(N² O²)`` plus activations and signals (``N O`` times the layer
     widths), plus ``N O x`` (parameters of the convolutions) for convolutions. For
     ``Θ(x, x)`` only the output-group tiles on and above the diagonal are multiplied.
