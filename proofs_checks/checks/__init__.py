@@ -1,2 +1,8 @@
-"""One module per proposition of THEORY.md §C; importing this package registers them all."""
-from . import c01_ntk_concentration, c03_masked_scaling, c06_dynamics_perturbation, c07_adversarial_ntk_lipschitz  # noqa: F401,E501
+"""One module per proposition of THEORY.md §C (``cNN_<name>.py``); importing this package
+imports every such module, which registers its check."""
+import importlib
+import pkgutil
+
+for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _info.name[:1] == "c" and _info.name[1:3].isdigit():
+        importlib.import_module(f"{__name__}.{_info.name}")
