@@ -112,7 +112,9 @@ def test_c6_holds_and_a_too_tight_bound_fails():
 
 def test_registry_order_is_numeric():
     ids = list(registry())
-    assert ids[:4] == ["C1", "C3", "C6", "C7"]
+    assert {"C1", "C3", "C6", "C7"} <= set(ids)
+    nums = [int(i[1:]) for i in ids]
+    assert nums == sorted(nums)  # C2 before C10, not after C1x
 
 
 def test_c7_linear_in_eps_and_a_quadratic_claim_fails():
