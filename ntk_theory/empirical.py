@@ -242,7 +242,9 @@ def _prepare_x(x, name: str, prob: _Problem) -> torch.Tensor:
     if t.dim() < 1 or t.shape[0] < 1:
         raise ValueError(f"{name}: expected a non-empty batch of shape (N, ...), got shape {tuple(t.shape)}")
     check_finite(t, name)
-    return t.to(device=prob.device, dtype=prob.dtype)
+    # a private, detached copy: an in-place first module (ReLU(inplace=True)) must not write into the
+    # caller's tensor, and a caller's autograd graph must not reach the kernel
+    return t.detach().to(device=prob.device, dtype=prob.dtype, copy=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +348,8 @@ def _structured_layers(prob: _Problem) -> list[_Layer]:
         prefix, _, tensor = name.rpartition(".")
         module = model.get_submodule(prefix) if prefix else model
         where = f"parameter {canonical_name(raw)!r}"
+        if not _runs_forward(module):
+            raise _Unsupported(f"{where} belongs to a module whose call does not run its class's forward")
         if isinstance(module, nn.Linear) and type(module).forward in _LINEAR_FORWARDS:
             kind = "linear"
         elif isinstance(module, nn.Conv2d) and type(module).forward in _CONV_FORWARDS:
@@ -361,10 +365,10 @@ def _structured_layers(prob: _Problem) -> list[_Layer]:
             raise _Unsupported(f"{where} carries a parametrisation other than an awt mask")
         if owners.get(id(named[raw]), 1) > 1:
             raise _Unsupported(f"{where} is shared by several modules")
-        gw, gb = getattr(module, "weight_gain", 1.0), getattr(module, "bias_gain", 1.0)
-        if not all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in (gw, gb)):
+        gains = _gains(module)
+        if gains is None:
             raise _Unsupported(f"{where}: weight_gain/bias_gain are not numbers")
-        lay = layers.setdefault(prefix, _Layer(module, prefix, kind, None, None, float(gw), float(gb)))
+        lay = layers.setdefault(prefix, _Layer(module, prefix, kind, None, None, *gains))
         setattr(lay, "w" if tensor == "weight" else "b", raw)
     return list(layers.values())
 
@@ -555,6 +559,23 @@ def _unhooked(m: nn.Module) -> bool:
                 or getattr(m, "_backward_pre_hooks", None))
 
 
+def _runs_forward(m: nn.Module) -> bool:
+    """Calling ``m`` runs its class's ``forward`` (no ``forward`` set on the instance, no custom ``__call__``)."""
+    return ("forward" not in vars(m) and type(m).__call__ is nn.Module.__call__
+            and type(m)._call_impl is nn.Module._call_impl)
+
+
+def _gains(m: nn.Module) -> tuple[float, float] | None:
+    """``(g_w, g_b)`` that the module's forward applies (NTK layers; 1 for plain torch layers), or None
+    where they are not plain numbers."""
+    if type(m).forward not in (NTKLinear.forward, NTKConv2d.forward):
+        return 1.0, 1.0
+    gs = (getattr(m, "weight_gain", 1.0), getattr(m, "bias_gain", 1.0))
+    if not all(isinstance(g, (int, float)) and not isinstance(g, bool) for g in gs):
+        return None
+    return float(gs[0]), float(gs[1])
+
+
 def _pool_patterns(model: nn.Module, layers: list[_Layer]) -> dict[int, tuple[nn.Module, nn.Module]]:
     """``{layer index: (relu, pool)}`` for the conv layers followed, in a plain ``nn.Sequential``, by
     an ``nn.ReLU`` and an ``nn.MaxPool2d``: the conv output then reaches nothing but ReLU then the
@@ -563,7 +584,8 @@ def _pool_patterns(model: nn.Module, layers: list[_Layer]) -> dict[int, tuple[nn
     backward passes through the full-resolution pool and ReLU. Checked again at run time."""
     where: dict[int, tuple[nn.Sequential, int]] = {}
     for m in model.modules():
-        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and _unhooked(m):
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and _unhooked(m) \
+                and _runs_forward(m):
             for j, c in enumerate(m):
                 where.setdefault(id(c), (m, j))
     found = {}
@@ -575,7 +597,8 @@ def _pool_patterns(model: nn.Module, layers: list[_Layer]) -> dict[int, tuple[nn
             continue
         relu, pool = seq[j + 1], seq[j + 2]
         if not (type(relu).forward is nn.ReLU.forward and type(pool).forward is nn.MaxPool2d.forward
-                and not pool.return_indices and not pool.ceil_mode and _unhooked(relu) and _unhooked(pool)):
+                and not pool.return_indices and not pool.ceil_mode and _unhooked(relu) and _unhooked(pool)
+                and _runs_forward(relu) and _runs_forward(pool) and _runs_forward(lay.module)):
             continue
         k = _pair(pool.kernel_size)
         if k == _pair(pool.stride if pool.stride is not None else k) and _pair(pool.padding) == (0, 0) \
@@ -756,17 +779,18 @@ def _sequential_plan(model: nn.Module) -> list[tuple[str, nn.Module, str]] | Non
     plan: list[tuple[str, nn.Module, str]] = []
 
     def walk(seq: nn.Module, prefix: str) -> bool:
-        if not (isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward and _unhooked(seq)):
+        if not (isinstance(seq, nn.Sequential) and type(seq).forward is nn.Sequential.forward and _unhooked(seq)
+                and _runs_forward(seq)):
             return False
         for name, m in seq._modules.items():
-            if m is None:
-                continue
+            if m is None:  # nn.Sequential would fail on it: leave the error to the model
+                return False
             full = prefix + name
             if isinstance(m, nn.Sequential):
                 if not walk(m, full + "."):
                     return False
                 continue
-            if not _unhooked(m):
+            if not _unhooked(m) or not _runs_forward(m):
                 return False
             fwd = type(m).forward
             if fwd in _LINEAR_FORWARDS:
@@ -831,7 +855,13 @@ def _trace_sequential(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> 
         return None
     lay_at = {pos[id(lay.module)]: i for i, lay in enumerate(layers)}
 
+    alias: dict[str, str] = {}  # every name of a (tied) parameter -> the name named_parameters() keeps
+    first: dict[int, str] = {}
+    for n, p in prob.model.named_parameters(remove_duplicate=False):
+        alias[n] = first.setdefault(id(p), n)
+
     def value(raw: str) -> torch.Tensor:
+        raw = alias.get(raw, raw)
         if raw in prob.diff:
             v = prob.diff[raw]
             return v * prob.mult[raw] if raw in prob.mult else v
@@ -844,7 +874,13 @@ def _trace_sequential(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> 
             keep = prob.fixed.get(f"{name}.parametrizations.{t}.0.mask", mask)
             w = torch.where(keep, value(raw), value(raw).new_zeros(()))
             return w * scale if scale != 1.0 else w
-        return None if getattr(m, t) is None else value(f"{name}.{t}")
+        own = getattr(m, t)
+        if own is None:
+            return None
+        key = alias.get(f"{name}.{t}", f"{name}.{t}")
+        if key in prob.diff or key in prob.fixed:
+            return value(key)
+        return own.detach().to(prob.dtype)  # a buffer standing for the tensor (a frozen layer)
 
     N = x.shape[0]
     h = x
@@ -854,20 +890,23 @@ def _trace_sequential(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> 
         for j, (name, m, kind) in enumerate(plan):
             i = lay_at.get(j)
             if kind == "linear":
-                if h.dim() != 2 or h.shape[1] != m.in_features:
-                    return None
-                gw, gb = float(getattr(m, "weight_gain", 1.0)), float(getattr(m, "bias_gain", 1.0))
+                gains = _gains(m)
                 W, b = effective(name, m, "weight"), effective(name, m, "bias")
+                if gains is None or W is None or W.dim() != 2 or h.dim() != 2 or h.shape[1] != W.shape[1]:
+                    return None
+                gw, gb = gains
                 Wg = W * gw if gw != 1.0 else W
                 z = F.linear(h, Wg, None if b is None else (b * gb if gb != 1.0 else b))
                 if i is not None:
                     rec[i] = {"h": h}
                 back.append(("linear", Wg))
             elif kind == "conv":
-                if h.dim() != 4 or h.shape[1] != m.in_channels:
-                    return None
-                gw, gb = float(getattr(m, "weight_gain", 1.0)), float(getattr(m, "bias_gain", 1.0))
+                gains = _gains(m)
                 W, b = effective(name, m, "weight"), effective(name, m, "bias")
+                if gains is None or W is None or W.dim() != 4 or h.dim() != 4 or h.shape[1] != W.shape[1] \
+                        or tuple(W.shape[2:]) != tuple(m.kernel_size):
+                    return None
+                gw, gb = gains
                 Wg = W * gw if gw != 1.0 else W
                 bg = None if b is None else (b * gb if gb != 1.0 else b)
                 pad = _conv_padding(m)
@@ -953,9 +992,13 @@ def _trace_sequential(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> 
                 if plan[j - 1][2] == "relu":  # ReLU' at the argmax is 1[pool output > 0]: applied here,
                     G = G * (pooled > 0)  # on the smaller tensor, and the ReLU below is skipped
                     relu_done = j - 1
-                Gi = G.new_zeros((O * N, C, shape[2] * shape[3]))
-                Gi.scatter_add_(2, idx.view(1, N, C, Q).expand(O, N, C, Q).reshape(O * N, C, Q),
-                                G.reshape(O * N, C, Q))
+                HW = shape[2] * shape[3]
+                ix, src = idx.view(1, N, C, Q).expand(O, N, C, Q).reshape(O * N, C, Q), G.reshape(O * N, C, Q)
+                if int(idx.max()) >= HW:  # a window entirely in the padding (output -inf): no input gets its signal
+                    past = ix >= HW
+                    ix, src = ix.masked_fill(past, 0), src.masked_fill(past, 0)
+                Gi = G.new_zeros((O * N, C, HW))
+                Gi.scatter_add_(2, ix, src)
                 G = Gi.view((O,) + shape)
             elif op[1] is not None and relu_done != j:  # activation
                 G = G * op[1]
@@ -964,9 +1007,9 @@ def _trace_sequential(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> 
     for i, lay in enumerate(layers):
         sq_w, sq_b = _sq_of(prob, lay)
         r, d = rec[i], sig[i]
-        C = lay.module.out_features if lay.kind == "linear" else lay.module.out_channels
+        C = d.shape[2]
         if lay.kind == "linear":
-            K = lay.module.in_features
+            K = r["h"].shape[1]
             feats.layout.append((lay.name, "gram", (C,), (K,)))
             feats.grams.append(_Gram(r["h"] if lay.w is not None else None, d.reshape(O, N, C).contiguous(),
                                      sq_w, sq_b))
