@@ -58,6 +58,10 @@ def _plot(result: CheckResult, path: Path) -> Path | None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
+        xs = [float(v) for v in x if float(v) > 0]
+        if xs and max(xs) < 10 * min(xs):  # less than a decade: no major tick would be labelled
+            ax.set_xticks(xs)
+            ax.set_xticklabels([f"{v:.3g}" for v in xs])
     ax.set_xlabel(series.get("xlabel", ""))
     ax.set_ylabel(series.get("ylabel", ""))
     ax.set_title(f"{result.id}: {'PASS' if result.passed else 'FAIL'}")
