@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._checks import as_tensor, check_choice, check_finite, check_int, check_nonnegative, check_positive
-from .attacks import pgd
+from .attacks import _ModuleStateGuard, pgd
 from .dynamics import gradient_flow_mse, linearize, loss_scale
 from .empirical import empirical_ntk
 from .infinite import KernelFn
@@ -143,7 +143,8 @@ class AdvNTKPredictor(nn.Module):
         n = self.k_train.shape[0]
         eye = torch.eye(n, dtype=torch.float64, device=self.k_train.device)
         zero = torch.zeros_like(eye)
-        w = self.varpi.abs()
+        # |varpi| with derivative +1 at 0 (as jnp.abs in Fu & Wang's code): trainable from varpi = 0
+        w = torch.where(self.varpi >= 0, self.varpi, -self.varpi)
         cols = [w] if w.dim() == 1 else list(w.unbind(1))
         out = []
         for j, d in enumerate(cols):
@@ -180,13 +181,19 @@ def _attack_fn(attack: Attack | None, eps: float, norm: str, steps: int, alpha: 
         return attack
     check_choice(norm, "norm", ("linf", "l2"))
 
-    def run(f, x, y):
-        if eps == 0:
-            return x.detach().clone()
+    def run(f, x, y):  # pgd validates every argument, then returns x itself for eps = 0
         return pgd(f, x, y, eps=eps, alpha=alpha, steps=steps, norm=norm, loss=loss, clamp=clamp,
                    generator=generator)
 
     return run
+
+
+def _check_attack_output(x_adv, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
+        got = tuple(x_adv.shape) if isinstance(x_adv, torch.Tensor) else type(x_adv).__name__
+        raise ValueError(f"attack: must return adversarial points of x's shape {tuple(x.shape)}, got {got}")
+    check_finite(x_adv, "attack")
+    return x_adv.detach()
 
 
 def _masked_forward(model: nn.Module, mask: Mapping[str, torch.Tensor] | None) -> Callable:
@@ -221,8 +228,8 @@ def adversarial_ntk(model: nn.Module | KernelFn, x, y, *, eps: float, norm: str 
     """
     x = as_tensor(x, "x")
     y = as_tensor(y, "y")
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"y: {y.shape[0]} targets for {x.shape[0]} inputs")
+    if x.dim() < 1 or y.dim() < 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(f"y: expected one target per input of x {tuple(x.shape)}, got shape {tuple(y.shape)}")
     run = _attack_fn(attack, eps, norm, check_int(steps, "steps", minimum=0), alpha, loss, clamp, generator)
     if isinstance(model, KernelFn):
         if mask is not None:
@@ -238,11 +245,12 @@ def adversarial_ntk(model: nn.Module | KernelFn, x, y, *, eps: float, norm: str 
         x_adv = run(f, x.to(torch.float64), y)
         kernel = lambda a, b=None: model(a, b, get="ntk")
     elif isinstance(model, nn.Module):
-        x_adv = run(_masked_forward(model, mask), x, y)
+        with _ModuleStateGuard(model):  # the masked closure is not a Module: guard the model itself
+            x_adv = run(_masked_forward(model, mask), x, y)
         kernel = lambda a, b=None: empirical_ntk(model, a, b, mask=mask, mask_mode=mask_mode, mode=mode)
     else:
         raise TypeError(f"model: expected an nn.Module or an ntk_theory.infinite.KernelFn, got {type(model).__name__}")
-    x_adv = x_adv.detach()
+    x_adv = _check_attack_output(x_adv, x)
     return AdversarialKernels(x_adv=x_adv, k_adv_adv=kernel(x_adv), k_adv_clean=kernel(x_adv, x),
                               k_clean_clean=kernel(x))
 
@@ -387,7 +395,7 @@ def adversarial_kernel_training(model: nn.Module | KernelFn, x_train, y_train, *
         if isinstance(f, _InfinitePredictor) and not f.xs:
             x_adv = x_train.clone()    # f_0 = 0: the loss is flat in x, every point is a maximiser
         else:
-            x_adv = run(f, x_train, y).detach()
+            x_adv = _check_attack_output(run(f, x_train, y), x_train)
         with torch.enable_grad():
             out_adv = f(x_adv)
         resid = out_adv.detach() - y
@@ -410,8 +418,9 @@ def adversarial_kernel_training(model: nn.Module | KernelFn, x_train, y_train, *
     st = torch.tensor(rec["steps"], dtype=torch.float64)
     return ATTrajectory(
         steps=st, tau=st * lr / c, f_train=torch.stack(rec["f_train"]), f_adv=torch.stack(rec["f_adv"]),
-        x_adv=torch.stack(rec["x_adv"]), robust_loss=torch.tensor(rec["robust"]), clean_loss=torch.tensor(rec["clean"]),
+        x_adv=torch.stack(rec["x_adv"]), robust_loss=torch.tensor(rec["robust"], dtype=torch.float64),
+        clean_loss=torch.tensor(rec["clean"], dtype=torch.float64),
         f_test=torch.stack(rec["f_test"]) if rec["f_test"] else None,
-        test_loss=torch.tensor(rec["test"]) if rec["test"] else None,
+        test_loss=torch.tensor(rec["test"], dtype=torch.float64) if rec["test"] else None,
         meta=dict(kind=kind, lr=lr, c=c, eps=eps, norm=norm, attack_steps=attack_steps, normalization=normalization),
     )

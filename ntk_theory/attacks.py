@@ -96,6 +96,9 @@ def per_sample_loss(outputs: torch.Tensor, y: torch.Tensor, loss: LossArg = "ce"
             if y.shape != outputs.shape:
                 raise ValueError(f"y: class probabilities for 'ce' must have the outputs' shape {tuple(outputs.shape)}, "
                                  f"got {tuple(y.shape)}")
+            if bool((y < 0).any()) or not torch.allclose(y.sum(1).double(), torch.ones(y.shape[0], dtype=torch.float64,
+                                                                                     device=y.device), rtol=0, atol=1e-4):
+                raise ValueError("y: class probabilities for 'ce' must be >= 0 and sum to 1 in each row")
             return F.cross_entropy(outputs, y.to(outputs.dtype), reduction="none")
         if y.dim() != 1:
             raise ValueError(f"y: integer labels for 'ce' must have shape (N,), got {tuple(y.shape)}")
@@ -274,15 +277,26 @@ def _input_grad(f, x_adv: torch.Tensor, y: torch.Tensor, loss: LossArg) -> torch
         (g,) = torch.autograd.grad(ell.sum(), xa, allow_unused=True)
     if g is None:
         g = torch.zeros_like(xa)
+    if bool(torch.isnan(g).any()):
+        bad = int(torch.isnan(g.reshape(g.shape[0], -1)).any(1).sum())
+        raise ValueError(f"f: the input gradient of the loss is NaN for {bad} sample(s) (NaN outputs or loss?); "
+                         "the attack cannot proceed")
     return g.detach()
 
 
 def _step(g: torch.Tensor, norm: str, size: float) -> torch.Tensor:
     if norm == "linf":
         return size * torch.sign(g)
-    n = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1)
+    flat = g.reshape(g.shape[0], -1)
+    inf = torch.isinf(flat)
+    # an infinite component dominates: the direction is that of the infinite components
+    flat = torch.where(inf.any(1, keepdim=True), torch.where(inf, torch.sign(flat), torch.zeros_like(flat)), flat)
+    # scale by the max-norm first, so that ||.||_2 neither underflows (subnormal g) nor overflows
+    m = flat.abs().amax(1, keepdim=True)
+    u = flat / torch.where(m > 0, m, torch.ones_like(m))
+    n = torch.linalg.vector_norm(u, dim=1, keepdim=True)
     # a zero gradient gives a zero step (not NaN)
-    return g * _bshape(size / torch.clamp(n, min=torch.finfo(g.dtype).tiny), g)
+    return (u * (size / torch.where(n > 0, n, torch.ones_like(n)))).reshape(g.shape)
 
 
 class _ModuleStateGuard:
@@ -292,14 +306,17 @@ class _ModuleStateGuard:
         self.f = f if isinstance(f, nn.Module) else None
 
     def __enter__(self):
-        self.saved = [] if self.f is None else [(b, b.detach().clone()) for b in self.f.buffers()]
+        self.saved = [] if self.f is None else [(m, name, b, b.detach().clone()) for m in self.f.modules()
+                                                for name, b in m._buffers.items() if b is not None]
         self.training = None if self.f is None else [(m, m.training) for m in self.f.modules()]
         return self
 
     def __exit__(self, *exc):
         if self.f is not None:
             with torch.no_grad():
-                for b, v in self.saved:
+                for m, name, b, v in self.saved:
+                    if m._buffers.get(name) is not b:  # reassigned in forward: put the original back
+                        m._buffers[name] = b
                     if not torch.equal(b, v):
                         b.copy_(v)
             for m, mode in self.training:  # defensive: f itself might switch modes

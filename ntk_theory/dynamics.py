@@ -136,8 +136,14 @@ def _psd_rtol(n: int, dtype: torch.dtype, psd_rtol: float | None) -> float:
     return max(1e-10, 10.0 * n * eps)
 
 
+def _real(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.is_complex():
+        raise TypeError(f"{name}: expected real values, got dtype {x.dtype}")
+    return x
+
+
 def _flat_kernel(k, name: str, rank4_ok: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    k = as_tensor(k, name)
+    k = _real(as_tensor(k, name), name)
     check_rank(k, name, (2, 4) if rank4_ok else (2,), "a kernel (N1, N2)" + (" or (N1, N2, O, O)" if rank4_ok else ""))
     if k.dim() == 4 and k.shape[2] != k.shape[3]:
         raise ValueError(f"{name}: a multi-output kernel must have shape (N1, N2, O, O), got {tuple(k.shape)}")
@@ -171,7 +177,7 @@ def _check_psd(flat: torch.Tensor, name: str, rtol: float) -> tuple[torch.Tensor
 def _times(t, name: str, integer: bool = False) -> torch.Tensor:
     if isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool):
         t = [float(t)]
-    tt = as_tensor(t, name).to(torch.float64)
+    tt = _real(as_tensor(t, name), name).to(torch.float64)
     if tt.dim() == 0:
         tt = tt.reshape(1)
     check_rank(tt, name, (1,), "a scalar or a vector of times")
@@ -187,8 +193,10 @@ def _times(t, name: str, integer: bool = False) -> torch.Tensor:
 
 def _targets(y, n_rows: int, out: int | None, name: str = "y") -> tuple[torch.Tensor, torch.Tensor]:
     """``y`` ``(N,)`` or ``(N, O)`` -> (original, ``(N, O)`` float64)."""
-    y = as_tensor(y, name)
+    y = _real(as_tensor(y, name), name)
     check_rank(y, name, (1, 2), "targets (N,) or (N, O)")
+    if y.numel() == 0:
+        raise ValueError(f"{name}: got shape {tuple(y.shape)}; at least one training point and one output are needed")
     check_finite(y, name)
     if y.shape[0] != n_rows:
         raise ValueError(f"{name}: has {y.shape[0]} rows, the training kernel has {n_rows} points")
@@ -291,7 +299,7 @@ def _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg,
     if f0 is None:
         f0_2 = torch.zeros_like(y2)
     else:
-        f0_t = as_tensor(f0, "f0")
+        f0_t = _real(as_tensor(f0, "f0"), "f0")
         check_finite(f0_t, "f0")
         if f0_t.shape != y_orig.shape:
             raise ValueError(f"f0: shape {tuple(f0_t.shape)} does not match y's {tuple(y_orig.shape)}")
@@ -312,7 +320,7 @@ def _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg,
                                  "pass zeros explicitly for a zero-initialised predictor")
             f0t_2 = torch.zeros(m, y2.shape[1], dtype=torch.float64)
         else:
-            f0t = as_tensor(f0_test, "f0_test")
+            f0t = _real(as_tensor(f0_test, "f0_test"), "f0_test")
             check_finite(f0t, "f0_test")
             want = (m,) + tuple(y_orig.shape[1:])
             if tuple(f0t.shape) != want:
@@ -321,7 +329,9 @@ def _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg,
     elif f0_test is not None:
         raise ValueError("f0_test: given without k_test_train")
     spec = _Spectral(flat, "k_train", diag_reg, _psd_rtol(flat.shape[0], kt_orig.dtype, psd_rtol))
-    out_dtype = torch.promote_types(kt_orig.dtype, y_orig.dtype) if y_orig.is_floating_point() else kt_orig.dtype
+    out_dtype = torch.promote_types(kt_orig.dtype, y_orig.dtype)
+    if not out_dtype.is_floating_point:  # integer/bool inputs: the dynamics are real-valued
+        out_dtype = torch.float64
     if multi:  # flatten residuals to (N·O, 1), index i·O + a
         r0 = (f0_2 - y2).reshape(-1, 1)
         f0t_flat = None if f0t_2 is None else f0t_2.reshape(-1, 1)
@@ -473,6 +483,12 @@ def _sym_pair(a, b):
     return fa, fb, (la, va), (lb, vb)
 
 
+def _null(lam: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues that count as zero: ``λ <= N·eps·λ_max`` (the rule of the flow's ``t = inf`` limit)."""
+    lmax = float(lam.max()) if lam.numel() else 0.0
+    return lam <= lam.numel() * torch.finfo(torch.float64).eps * lmax
+
+
 def expm_gap(a, b, tau) -> torch.Tensor:
     """``||e^{-Aτ} - e^{-Bτ}||_2`` for symmetric PSD ``A``, ``B`` at each ``τ`` of ``tau``; ``(T,)`` float64."""
     _, _, (la, va), (lb, vb) = _sym_pair(a, b)
@@ -480,8 +496,8 @@ def expm_gap(a, b, tau) -> torch.Tensor:
     out = []
     for s in tt.tolist():
         if math.isinf(s):
-            ea = va @ torch.diag((la == 0).to(la.dtype)) @ va.mT
-            eb = vb @ torch.diag((lb == 0).to(lb.dtype)) @ vb.mT
+            ea = va @ torch.diag(_null(la).to(la.dtype)) @ va.mT
+            eb = vb @ torch.diag(_null(lb).to(lb.dtype)) @ vb.mT
         else:
             ea = (va * torch.exp(-la * s)) @ va.mT
             eb = (vb * torch.exp(-lb * s)) @ vb.mT
@@ -500,7 +516,7 @@ def expm_gap_bound(a, b, tau=None) -> torch.Tensor:
     """
     fa, fb, (la, _), (lb, _) = _sym_pair(a, b)
     d = torch.linalg.matrix_norm(fa - fb, ord=2)
-    lam = torch.minimum(la.min(), lb.min())
+    lam = torch.minimum(torch.where(_null(la), 0.0, la).min(), torch.where(_null(lb), 0.0, lb).min())
     if tau is None:
         if float(d) == 0.0:
             return d
@@ -540,7 +556,7 @@ class LinearizedModel(nn.Module):
         if unknown:
             raise ValueError(f"params0: unknown parameter name(s) {unknown}; the model has {sorted(named)}")
         for k, v in params0.items():
-            v = as_tensor(v, f"params0[{k!r}]")
+            v = check_finite(as_tensor(v, f"params0[{k!r}]"), f"params0[{k!r}]")
             if v.shape != named[k].shape:
                 raise ValueError(f"params0[{k!r}]: shape {tuple(v.shape)} does not match the model's "
                                  f"{tuple(named[k].shape)}")

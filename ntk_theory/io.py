@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -16,13 +17,33 @@ import torch
 __all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "w") -> Path:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it to ``path``."""
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    The file gets the mode an ordinary ``open(path, "w")`` would give it: the existing file's, else
+    ``0o666 & ~umask`` (``mkstemp`` alone would leave it ``0o600``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        perm = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        perm = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode) as fh:
+        os.fchmod(fd, perm)
+        try:
+            fh = os.fdopen(fd, mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        with fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())

@@ -100,6 +100,13 @@ class Erf(nn.Module):
         return torch.erf(h)
 
 
+def _check_alpha(alpha) -> float:
+    a = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
+    if a is None or not math.isfinite(a):
+        raise ValueError(f"alpha: got {alpha!r}; the leaky-ReLU slope must be a finite real number")
+    return a
+
+
 def activation_module(name: str, alpha: float = 0.01) -> nn.Module:
     """The finite counterpart of an activation name of :func:`ntk_theory.infinite.mlp`."""
     check_choice(name, "activation", ACTIVATIONS)
@@ -124,6 +131,9 @@ def finite_mlp(d_in: int, width: int, depth: int, out_features: int = 1, *, acti
     """
     check_int(depth, "depth", minimum=0)
     check_int(width, "width", minimum=1)
+    check_int(d_in, "d_in", minimum=1)
+    check_choice(activation, "activation", ACTIVATIONS)
+    _check_alpha(alpha)
     layers: list[nn.Module] = []
     fan_in = d_in
     for _ in range(depth):
@@ -146,6 +156,12 @@ def finite_cnn(in_channels: int, channels: int, depth: int, image_size: tuple[in
     """
     check_int(depth, "depth", minimum=1)
     check_choice(readout, "readout", ("flatten", "gap"))
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+        raise ValueError(f"image_size: expected a pair (H, W) of positive integers, got {image_size!r}")
+    for s in image_size:
+        check_int(s, "image_size", minimum=1)
+    check_choice(activation, "activation", ACTIVATIONS)
+    _check_alpha(alpha)
     layers: list[nn.Module] = []
     c = in_channels
     for _ in range(depth):

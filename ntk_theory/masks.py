@@ -243,16 +243,38 @@ def apply_mask(model: nn.Module, mask: Mapping[str, torch.Tensor], rescale: bool
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     mask = validate_mask(model, mask)
-    for name, m in mask.items():
+    targets = []
+    for name, m in mask.items():  # every check before the first change: a refusal leaves the model as it was
         prefix, tensor = _split(name)
         module = model.get_submodule(prefix) if prefix else model
-        if get_mask(module, tensor) is not None:
-            parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+        targets.append((module, tensor, m, get_mask(module, tensor) is not None))
+    for module, tensor, m, masked in targets:
+        if masked:
+            order = module.parametrizations[tensor][0].param_order
+            _remove(module, tensor)
+        else:
+            order = list(module._parameters)
         current = getattr(module, tensor)
         q = float(m.sum()) / m.numel()
         scale = 1.0 / math.sqrt(q) if (rescale and q > 0) else 1.0
-        parametrize.register_parametrization(module, tensor, MaskParametrization(m.to(current.device), scale))
+        p = MaskParametrization(m.to(current.device), scale)
+        p.param_order = order  # the module's parameter order before masking, restored by remove_mask
+        parametrize.register_parametrization(module, tensor, p)
     return model
+
+
+def _remove(module: nn.Module, tensor: str) -> None:
+    """``remove_parametrizations`` on a private copy of the injected class (a deepcopy shares it with its
+    original, and torch deletes the tensor's property from that class), then the original parameter order."""
+    order = getattr(module.parametrizations[tensor][0], "param_order", None)
+    cls = module.__class__
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+    if order is not None:
+        rank = {k: i for i, k in enumerate(order)}
+        items = sorted(module._parameters.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+        module._parameters.clear()
+        module._parameters.update(items)
 
 
 def remove_mask(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -274,5 +296,5 @@ def remove_mask(model: nn.Module) -> dict[str, torch.Tensor]:
             if len(plist) != 1 or not isinstance(plist[0], MaskParametrization):
                 continue  # not an awt mask: left alone
             removed[f"{prefix}.{tensor}" if prefix else tensor] = plist[0].mask.clone()
-            parametrize.remove_parametrizations(module, tensor, leave_parametrized=False)
+            _remove(module, tensor)
     return removed

@@ -61,6 +61,13 @@ def _pair(k1, k2, square: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return a.to(dt), b.to(dt)
 
 
+def _unit(k: torch.Tensor, name: str) -> torch.Tensor:
+    """``k / max|k|`` (the scale detached): norms of the result neither overflow nor underflow."""
+    s = k.detach().abs().max() if k.numel() else k.new_zeros(())
+    _nonzero(s, name)
+    return k / s
+
+
 def _nonzero(norm: torch.Tensor, name: str) -> None:
     if float(norm.detach()) == 0.0:
         raise ValueError(f"{name}: has zero norm; the metric is undefined")
@@ -91,6 +98,9 @@ def relative_frobenius(a, b) -> torch.Tensor:
     check_finite(b, "b")
     dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
     a, b = a.to(dt), b.to(dt)
+    s = b.detach().abs().max() if b.numel() else b.new_zeros(())
+    _nonzero(s, "b")
+    a, b = a / s, b / s
     nb = torch.linalg.vector_norm(b)
     _nonzero(nb, "b")
     return torch.linalg.vector_norm(a - b) / nb
@@ -99,7 +109,7 @@ def relative_frobenius(a, b) -> torch.Tensor:
 def kernel_alignment(k1, k2) -> torch.Tensor:
     """Uncentred alignment (cosine similarity) ``<K1, K2> / (||K1||_F ||K2||_F)`` in ``[-1, 1]``; ``[0, 1]`` for PSD kernels."""
     a, b = _pair(k1, k2)
-    a, b = as_matrix(a), as_matrix(b)
+    a, b = _unit(as_matrix(a), "k1"), _unit(as_matrix(b), "k2")
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
     _nonzero(na, "k1")
     _nonzero(nb, "k2")
@@ -133,6 +143,7 @@ def cka(k1, k2) -> torch.Tensor:
     ``c·11^T`` to a 2-d kernel. Raises if a centred kernel is zero (e.g. a constant kernel).
     """
     a, b = _pair(k1, k2, square=True)
+    a, b = _unit(a, "k1"), _unit(b, "k2")  # scale first (centring is linear), then centre
     a, b = as_matrix(_centre(a)), as_matrix(_centre(b))
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
     _nonzero(na, "k1 (centred)")
@@ -167,7 +178,7 @@ def top_eigen_mass(kernel, k: int = 20) -> torch.Tensor:
     """
     mat = _symmetric(_kernel(kernel, "kernel", square=True), "kernel")
     k = check_int(k, "k", minimum=1)
-    lam = torch.linalg.eigvalsh(mat)
+    lam = torch.linalg.eigvalsh(_unit(mat, "kernel"))
     sq = torch.sort(lam.pow(2), descending=True).values
     total = sq.sum()
     _nonzero(total, "kernel")
