@@ -374,7 +374,8 @@ def pgd(f: Callable[[torch.Tensor], torch.Tensor], x, y, *, eps: float, alpha: f
             to cross the ball from any start).
         steps: number of gradient steps ``>= 0`` (0 returns the random start, or ``x``).
         random_start: start from a uniform point of the ball.
-        generator: ``torch.Generator`` for the random start; with one the attack is deterministic.
+        generator: ``torch.Generator`` for the random start; with one the attack is deterministic
+            (for a deterministic model: dropout in training mode still draws from the global RNG).
 
     Returns:
         ``x~``, detached, same shape and dtype as ``x``; ``x~ ∈ B(x, eps) ∩ box`` exactly.

@@ -162,6 +162,14 @@ def _mask_info(model: nn.Module, raw: str):
 def _prepare(model, params, mask, mask_mode, dtype) -> _Problem:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for mname, m in model.named_modules():
+        # the per-example NTK needs examples that do not interact and a deterministic forward
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(f"model: {type(m).__name__} {mname!r} is in training mode (batch statistics couple the "
+                             "examples and its running statistics would be updated); call model.eval() first")
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(f"model: {type(m).__name__} {mname!r} is in training mode with p = {m.p} (a random "
+                             "forward has no NTK); call model.eval() first")
     named = dict(model.named_parameters())
     canon_to_raw = {canonical_name(r): r for r in named}
     if params is None:

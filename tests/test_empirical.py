@@ -801,3 +801,23 @@ def test_engine_declines_what_it_does_not_know():
     # an input that does not fit the model: the autograd trace raises torch's own error
     with pytest.raises(RuntimeError):
         empirical_ntk(model, torch.randn(2, 1, 9, 9, dtype=D), method="structured")
+
+
+def test_training_mode_batchnorm_and_dropout_are_refused_without_side_effects():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=D)
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).to(D)
+    drop = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).to(D)
+    for model, what in ((bn, "BatchNorm1d"), (drop, "Dropout")):
+        state = copy.deepcopy(model.state_dict())
+        for method in ("auto", "jacobian", "structured", "jvp"):
+            with pytest.raises(ValueError, match=f"model: {what}.*model.eval"):
+                empirical_ntk(model, x, method=method)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k  # running statistics and counters untouched
+        model.eval()
+        assert_rel(empirical_ntk(model, x), empirical_ntk(model, x, method="jacobian"))
+    assert int(bn[1].num_batches_tracked) == 0
+    drop.train()
+    drop[1].p = 0.0  # p = 0 is deterministic: accepted in training mode
+    assert_rel(empirical_ntk(drop, x), empirical_ntk(drop, x, method="jacobian"))
