@@ -104,6 +104,31 @@ def _tol(dtype: torch.dtype) -> float:
     return 4.0 * math.sqrt(torch.finfo(dtype).eps)
 
 
+def _geo_mean(va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+    """``sqrt(va * vb)`` without forming the product (no overflow/underflow of ``va*vb``).
+
+    Exact (``== v``) when ``va == vb == v``; 0 where either variance is 0.
+    """
+    m = torch.maximum(va, vb)
+    r = torch.minimum(va, vb) / torch.where(m > 0, m, torch.ones_like(m))
+    return m * r.sqrt()
+
+
+def _sqrt_prod(va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
+    """``sqrt(va * vb)`` (broadcast): the plain ``sqrt(fl(va vb))`` (two passes, and exactly ``v`` for
+    ``va == vb == v``) when no product can overflow or underflow, checked on the extreme variances
+    (cheap: the variances are vectors where the result is a matrix); else :func:`_geo_mean`."""
+    if va.numel() == 0 or vb.numel() == 0:
+        return torch.mul(va, vb)
+    fi = torch.finfo(va.dtype)
+    hi = float(va.max()) * float(vb.max())
+    pa, pb = va[va > 0], vb[vb > 0]
+    lo = float(pa.min()) * float(pb.min()) if pa.numel() and pb.numel() else 1.0
+    if hi < fi.max / 16 and lo > fi.tiny * 16:
+        return torch.mul(va, vb).sqrt_()
+    return _geo_mean(va, vb)
+
+
 def _unbroadcast(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     while grad.dim() > len(shape):
         grad = grad.sum(0)
@@ -131,7 +156,7 @@ class _ABReluExpect(torch.autograd.Function):
         A = (a * a + b * b) / 2
         # rho = c / sqrt(va vb) and D = sqrt(va vb) sin(theta): for self-pairs (c == va == vb)
         # sqrt(fl(v*v)) == v, so rho == 1 and D == 0 exactly (no FMA-dependent sqrt(eps) error)
-        s = torch.mul(va, vb).sqrt_()
+        s = _sqrt_prod(va, vb)
         # zero variance (zero input or all-zero patch, sigma_b = 0): 0/0 -> rho = 0; E = 0 exactly as s = 0
         rho = torch.div(c, s).nan_to_num_(0.0).clamp_(-1.0, 1.0)
         theta = torch.acos(rho)
@@ -152,9 +177,9 @@ class _ABReluExpect(torch.autograd.Function):
         gc = gva = gvb = None
         # where() with safe branches keeps second derivatives finite at the kinks (rho = +-1,
         # zero variance), where they get the same zero subgradient as the first derivatives
-        prod = va * vb
-        pos = prod > 0
-        s = torch.where(pos, torch.sqrt(torch.where(pos, prod, torch.ones_like(prod))), torch.zeros_like(prod))
+        pos = (va > 0) & (vb > 0)
+        ones = torch.ones_like(c)
+        s = torch.where(pos, _sqrt_prod(torch.where(pos, va, ones), torch.where(pos, vb, ones)), torch.zeros_like(c))
         rho = torch.where(pos, c / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(s)).clamp(-1.0, 1.0)
         inner = rho.abs() < 1
         theta = torch.where(inner, torch.acos(torch.where(inner, rho, torch.zeros_like(rho))), torch.acos(rho.detach()))
@@ -190,10 +215,32 @@ def relu_expectations(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, a: fl
     with :math:`\kappa_0(\rho) = (\pi - \arccos\rho)/\pi`,
     :math:`\kappa_1(\rho) = (\sqrt{1-\rho^2} + (\pi - \arccos\rho)\rho)/\pi` (THEORY.md §B.1.1).
     """
+    _check_cov(c, va, vb)
     return _ABReluExpect.apply(c, va, vb, float(a), float(b))
 
 
+def _check_cov(c, va, vb):
+    """Public-boundary check that ``[[va, c], [c, vb]]`` is a covariance (up to rounding)."""
+    for t, nm in ((c, "c"), (va, "va"), (vb, "vb")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{nm}: expected a torch.Tensor, got {type(t).__name__}")
+        check_finite(t, nm)
+    for t, nm in ((va, "va"), (vb, "vb")):
+        if bool((t < 0).any()):
+            raise ValueError(f"{nm}: variances must be >= 0, got min {float(t.min())!r}")
+    excess = c.abs() - _geo_mean(va, vb) * (1 + 64 * torch.finfo(c.dtype).eps)
+    if bool((excess > 0).any()):
+        raise ValueError("c: |c| must not exceed sqrt(va * vb) (not a covariance); "
+                         f"largest excess {float(excess.max())!r}")
+
+
 def erf_expectations(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor):
+    """Validated public form of :func:`_erf_expect` (same formulas)."""
+    _check_cov(c, va, vb)
+    return _erf_expect(c, va, vb)
+
+
+def _erf_expect(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor):
     r"""Expectations for :math:`\phi = \mathrm{erf}` (Williams 1997; THEORY.md §B.1.2).
 
     With :math:`P = (1+2v_a)(1+2v_b)`:
@@ -201,32 +248,41 @@ def erf_expectations(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor):
     :math:`E[\phi'\phi'] = \tfrac{4}{\pi}(P - 4c^2)^{-1/2}`. Smooth everywhere since
     :math:`P - 4c^2 \ge 1 + 2(v_a + v_b) > 0`.
     """
-    P = (1 + 2 * va) * (1 + 2 * vb)
-    e = (2 / math.pi) * torch.asin(2 * c / torch.sqrt(P))
-    ed = (4 / math.pi) * torch.rsqrt(P - 4 * c * c)
+    # P - 4c^2 = 1 + 2(va + vb) + 4(va vb - c^2): expanded so the 4 va vb terms cancel exactly,
+    # with the covariance determinant clamped at 0 (rounding can push |c| past sqrt(va vb))
+    s = _sqrt_prod(va, vb)
+    Q = 1 + 2 * (va + vb) + 4 * ((s - c) * (s + c)).clamp_min(0)
+    e = (2 / math.pi) * torch.atan2(2 * c, torch.sqrt(Q))
+    ed = (4 / math.pi) * torch.rsqrt(Q)
     return e, ed
 
 
-def _exact_duplicates(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor | None:
+def _row_ids(x1: torch.Tensor, x2: torch.Tensor, same: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Ids of the rows of ``x1`` and ``x2`` (equal ids = identical inputs) and whether any row repeats;
+    ``same``: ``x2`` is ``x1`` as one row set (``k(x)``), whose blocks pair it with itself on the diagonal.
+
+    One ``torch.unique`` over all rows, computed once per kernel call; blocks compare ids.
+    Exact row identity (no GEMM threshold, which float32 rounding defeats); ``+ 0.0`` makes -0.0 == 0.0.
+    """
+    a = x1.detach().reshape(x1.shape[0], -1)
+    rows = a if same else torch.cat([a, x2.detach().reshape(x2.shape[0], -1)])
+    _, inv = torch.unique(rows + 0.0, dim=0, return_inverse=True)
+    repeated = int(inv.max()) + 1 < rows.shape[0]
+    return inv[: a.shape[0]], (inv[: a.shape[0]] if same else inv[a.shape[0]:]), repeated
+
+
+def _exact_duplicates(ids1: torch.Tensor, ids2: torch.Tensor, repeated: bool, diagonal: bool) -> torch.Tensor | None:
     """Boolean ``(n1, n2)`` marking pairs of identical inputs (None if there are none).
 
     Identical inputs have correlation exactly 1, but a GEMM and a row sum round
     differently, and arccos turns an O(eps) error in rho into O(sqrt(eps)) in the kernel.
-    Marked pairs get their cross covariance set to the (identical) self variance.
+    Marked pairs get their cross covariance set to the (identical) self variance. ``diagonal``:
+    the block pairs a row set with itself (its self-pairs are duplicates).
     """
-    a, b = x1.detach().reshape(x1.shape[0], -1), x2.detach().reshape(x2.shape[0], -1)
-    na, nb = (a * a).sum(1), (b * b).sum(1)
-    scale = na[:, None] + nb[None, :]
-    cand = torch.addmm(scale, a, b.T, alpha=-2.0) <= 1e-8 * scale
-    if not bool(cand.any()):
-        return None
-    idx = cand.nonzero()
-    same = (a[idx[:, 0]] == b[idx[:, 1]]).all(1)
-    if not bool(same.any()):
-        return None
-    dup = torch.zeros_like(cand)
-    dup[idx[same, 0], idx[same, 1]] = True
-    return dup
+    if not repeated:
+        return torch.eye(ids1.shape[0], dtype=torch.bool, device=ids1.device) if diagonal else None
+    dup = ids1[:, None] == ids2[None, :]
+    return dup if bool(dup.any()) else None
 
 
 def _pin_duplicates(dup: torch.Tensor | None, cross: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor):
@@ -324,6 +380,12 @@ class Layer:
         return self.name
 
 
+def _check_bool(v, name):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name}: expected True or False, got {v!r}")
+    return v
+
+
 def _check_sigmas(sigma_w, sigma_b):
     check_nonnegative(sigma_w, "sigma_w")
     check_nonnegative(sigma_b, "sigma_b")
@@ -341,6 +403,7 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
     """
     sw, sb = _check_sigmas(sigma_w, sigma_b)
     q = check_density(density)
+    _check_bool(rescale, "rescale")
     sw2 = sw * sw * (1.0 if rescale else q)
     sb2 = sb * sb
 
@@ -387,6 +450,7 @@ def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, 
         raise ValueError(f"kernel_size: got {k}; only odd kernel sizes are supported (stride 1, 'SAME' padding)")
     sw, sb = _check_sigmas(sigma_w, sigma_b)
     q = check_density(density)
+    _check_bool(rescale, "rescale")
     sw2 = sw * sw * (1.0 if rescale else q)
     sb2 = sb * sb
 
@@ -414,10 +478,10 @@ def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, 
             return replace(s, x1=None, x2=None, nngp=nngp, ntk=nngp if s.want_ntk else None, var1=v1n, var2=v2n)
         if s.nngp.dim() == 2:
             raise ValueError("layers: Conv received a vector kernel (after Flatten/GlobalAvgPool/Dense)")
-        nngp = _patch_sum(s.nngp, k, s.spatial).mul_(c_w).add_(sb2)
+        nngp = _patch_sum(s.nngp, k, s.spatial).mul(c_w).add_(sb2)   # not in place: k=1 returns s.nngp itself
         ntk = None if s.ntk is None else torch.add(nngp, _patch_sum(s.ntk, k, s.spatial), alpha=c_w)
-        v1 = _patch_sum(s.var1, k, s.spatial).mul_(c_w).add_(sb2)
-        v2 = v1 if s.var2 is s.var1 else _patch_sum(s.var2, k, s.spatial).mul_(c_w).add_(sb2)
+        v1 = _patch_sum(s.var1, k, s.spatial).mul(c_w).add_(sb2)
+        v2 = v1 if s.var2 is s.var1 else _patch_sum(s.var2, k, s.spatial).mul(c_w).add_(sb2)
         return replace(s, nngp=nngp, ntk=ntk, var1=v1, var2=v2)
 
     def finite(shape, width, generator, dtype, is_readout, out_features=1):
@@ -466,13 +530,13 @@ def ABRelu(a: float, b: float) -> Layer:
         def forward(self, h):
             return torch.where(h > 0, b * h, a * h)
 
-    return _nonlin(f"ABRelu({a:g}, {b:g})", lambda c, va, vb: relu_expectations(c, va, vb, a, b), _AB,
+    return _nonlin(f"ABRelu({a:g}, {b:g})", lambda c, va, vb: _ABReluExpect.apply(c, va, vb, a, b), _AB,
                    ("abrelu", a, b))
 
 
 def Relu() -> Layer:
     """ReLU, :math:`\\phi(z) = \\max(z, 0)`."""
-    return _nonlin("Relu()", lambda c, va, vb: relu_expectations(c, va, vb, 0.0, 1.0), nn.ReLU, ("abrelu", 0.0, 1.0))
+    return _nonlin("Relu()", lambda c, va, vb: _ABReluExpect.apply(c, va, vb, 0.0, 1.0), nn.ReLU, ("abrelu", 0.0, 1.0))
 
 
 def LeakyRelu(alpha: float = 0.01) -> Layer:
@@ -480,13 +544,13 @@ def LeakyRelu(alpha: float = 0.01) -> Layer:
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha: got {alpha!r}; expected a finite slope")
-    return _nonlin(f"LeakyRelu({alpha:g})", lambda c, va, vb: relu_expectations(c, va, vb, alpha, 1.0),
+    return _nonlin(f"LeakyRelu({alpha:g})", lambda c, va, vb: _ABReluExpect.apply(c, va, vb, alpha, 1.0),
                    lambda: nn.LeakyReLU(alpha), ("abrelu", alpha, 1.0))
 
 
 def Erf() -> Layer:
     """:math:`\\phi(z) = \\mathrm{erf}(z)`."""
-    return _nonlin("Erf()", erf_expectations, _fl.Erf)
+    return _nonlin("Erf()", _erf_expect, _fl.Erf)
 
 
 def Identity() -> Layer:
@@ -571,7 +635,7 @@ def _homogeneous_block(plan, x1, x2, want_ntk: bool, dup):
     d = x1.shape[1]
     v1 = (sw2_0 / d) * (x1 * x1).sum(1)
     v2 = v1 if x2 is x1 else (sw2_0 / d) * (x2 * x2).sum(1)
-    s = torch.outer(v1, v2).sqrt_()
+    s = _sqrt_prod(v1[:, None], v2[None, :])
     rho = (x1 @ x2.T).mul_(sw2_0 / d).div_(s).nan_to_num_(0.0).clamp_(-1.0, 1.0)   # zero rows: rho = 0, K = 0
     if dup is not None:
         rho.masked_fill_(dup, 1.0)
@@ -620,8 +684,8 @@ class KernelFn:
     # -- validation ---------------------------------------------------------------------
     def _prep(self, x, name, dtype):
         x = as_tensor(x, name)
-        if not x.is_floating_point():
-            x = x.to(dtype)
+        if x.is_complex():
+            raise TypeError(f"{name}: complex inputs are not supported (got dtype {x.dtype}); pass a real tensor")
         x = x.to(dtype)
         check_finite(x, name)
         want = 4 if self.is_conv else None
@@ -631,10 +695,14 @@ class KernelFn:
             raise ValueError(f"{name}: expected shape (N, d) (or (N, C, H, W) before Flatten), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"{name}: empty batch")
+        if any(n == 0 for n in x.shape[1:]):
+            raise ValueError(f"{name}: every feature dimension must be >= 1, got shape {tuple(x.shape)}")
         return x
 
-    def _block(self, x1, x2, want_ntk, symmetric=False, fast=False):
-        dup = torch.eye(x1.shape[0], dtype=torch.bool, device=x1.device) if x2 is x1 else _exact_duplicates(x1, x2)
+    def _block(self, x1, x2, want_ntk, symmetric=False, fast=False, ids=None):
+        if ids is None:
+            ids = _row_ids(x1, x2, x2 is x1)
+        dup = _exact_duplicates(ids[0], ids[1], ids[2], x2 is x1)  # identical rows inside x1 are pinned too
         if fast:
             nngp, ntk = _homogeneous_block(self._plan, x1, x2, want_ntk, dup)
             if symmetric:
@@ -648,7 +716,7 @@ class KernelFn:
                              "(add Flatten()/GlobalAvgPool() and Dense())")
         if symmetric:  # GEMM rounding can break exact symmetry of a diagonal block; restore it
             return 0.5 * (s.nngp + s.nngp.T), None if s.ntk is None else 0.5 * (s.ntk + s.ntk.T)
-        return s.nngp, s.ntk
+        return s.nngp, (s.ntk.clone() if s.ntk is s.nngp else s.ntk)
 
     def _default_batch(self, x) -> int:
         if not self.is_conv:
@@ -659,7 +727,10 @@ class KernelFn:
 
     def __call__(self, x1, x2=None, get=_GET, *, batch_size: int | None = None, dtype: torch.dtype = torch.float64):
         single = isinstance(get, str)
-        gets = (get,) if single else tuple(get)
+        try:
+            gets = (get,) if single else tuple(get)
+        except TypeError:
+            raise TypeError(f"get: got {get!r}; accepted values are 'nngp', 'ntk' or a tuple of them") from None
         if not gets:
             raise ValueError("get: asks for no kernel; accepted values are 'nngp', 'ntk' or a tuple of them")
         for g in gets:
@@ -679,8 +750,9 @@ class KernelFn:
         fast = (self._plan is not None and x1.dim() == 2
                 and not (torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad)))
         n1, n2 = x1.shape[0], x2.shape[0]
+        ids1, ids2, repeated = _row_ids(x1, x2, sym)
         if n1 <= bs and n2 <= bs:
-            nngp, ntk = self._block(x1, x2, want_ntk, sym, fast)
+            nngp, ntk = self._block(x1, x2, want_ntk, sym, fast, (ids1, ids2, repeated))
         else:
             # only the requested kernels are stored: the peak is the output plus O(bs^2) per block
             outs = {g: x1.new_empty((n1, n2)) for g in gets}
@@ -689,7 +761,9 @@ class KernelFn:
                     if sym and j < i:
                         continue
                     b1, b2 = x1[i:i + bs], x2[j:j + bs]
-                    kn, kt = self._block(b1, b1 if (sym and i == j) else b2, want_ntk, sym and i == j, fast)
+                    kn, kt = self._block(b1, b1 if (sym and i == j) else b2, want_ntk, sym and i == j, fast,
+                                         (ids1[i:i + bs], ids1[i:i + bs] if (sym and i == j) else ids2[j:j + bs],
+                                          repeated))
                     for g, blk in (("nngp", kn), ("ntk", kt)):
                         if g in outs:
                             outs[g][i:i + bs, j:j + bs] = blk
@@ -755,6 +829,8 @@ def mlp(depth: int, activation: str = "relu", sigma_w: float = 2 ** 0.5, sigma_b
     depth = check_int(depth, "depth", minimum=0)
     check_choice(activation, "activation", tuple(_ACTS))
     q = check_density(density)
+    _check_bool(rescale, "rescale")
+    _check_bool(mask_first_layer, "mask_first_layer")
     act = (lambda: LeakyRelu(alpha)) if activation == "leaky_relu" else _ACTS[activation]
     first_q = q if mask_first_layer else 1.0
     layers = [Dense(sigma_w, sigma_b, density=first_q, rescale=rescale)]
