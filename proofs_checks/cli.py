@@ -23,7 +23,21 @@ def _verify(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"awt verify: {exc}", file=sys.stderr)
         return 2
-    results = run_checks(args.only or None, scale=args.scale, seed=args.seed,
+    done = {}
+    if args.resume:
+        from .report import read_resumable
+        done, why = read_resumable(args.out, scale=args.scale, seed=args.seed)
+        print(f"awt verify: {why}", file=sys.stderr)
+
+    def checkpoint(so_far):  # after each check: its figure and an atomic partial report, what --resume reads
+        from pathlib import Path
+
+        from .report import _plot
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        _plot(so_far[-1], Path(args.out) / f"{so_far[-1].id}.png")
+        write_report(so_far, args.out, scale=args.scale, seed=args.seed, complete=False, figures=False)
+
+    results = run_checks(args.only or None, scale=args.scale, seed=args.seed, done=done, on_result=checkpoint,
                          progress=lambda msg: print(f"running {msg} ...", file=sys.stderr, flush=True))
     print(format_table(results))
     paths = write_report(results, args.out, scale=args.scale, seed=args.seed)
@@ -40,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", default="awt-report", help="output folder for report.json/report.md/figures (default: %(default)s)")
     v.add_argument("--scale", choices=("quick", "full"), default="quick", help="sweep size (default: %(default)s)")
     v.add_argument("--seed", type=int, default=0, help="base random seed (default: %(default)s)")
+    v.add_argument("--resume", action="store_true",
+                   help="reuse the results of an interrupted (or earlier) run in --out with the same scale and seed; "
+                        "the report is rewritten after every check")
     v.set_defaults(func=_verify)
     return p
 

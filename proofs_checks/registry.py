@@ -43,6 +43,15 @@ class CheckResult:
         d["seconds"] = None if math.isnan(self.seconds) else round(self.seconds, 3)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CheckResult":
+        """Inverse of :meth:`to_dict` (a result read back from ``report.json``)."""
+        d = dict(d)
+        secs = d.pop("seconds", None)
+        res = cls(**d)
+        res.seconds = float("nan") if secs is None else float(secs)
+        return res
+
     def summary(self) -> str:
         """One line: the measured headline against the expectation."""
         m = ", ".join(f"{k}={_fmt(v)}" for k, v in self.measured.items() if not isinstance(v, dict))
@@ -110,8 +119,15 @@ def get_check(id: str) -> Check:
 
 
 def run_checks(ids: list[str] | None = None, *, scale: str = "quick", seed: int = 0,
-               progress: Callable[[str], None] | None = None) -> list[CheckResult]:
-    """Run the checks ``ids`` (all if None) and return their results in registry order."""
+               progress: Callable[[str], None] | None = None,
+               done: dict[str, CheckResult] | None = None,
+               on_result: Callable[[list[CheckResult]], None] | None = None) -> list[CheckResult]:
+    """Run the checks ``ids`` (all if None) and return their results in registry order.
+
+    ``done``: results already at hand (a resumed run), used instead of running those checks.
+    ``on_result``: called with the results so far after each check (the CLI writes its
+    report there, so an interrupted run keeps every finished check).
+    """
     if scale not in SCALES:
         raise ValueError(f"scale: got {scale!r}; accepted values are {SCALES}")
     reg = registry()
@@ -119,10 +135,15 @@ def run_checks(ids: list[str] | None = None, *, scale: str = "quick", seed: int 
     results = []
     for cid in chosen:
         chk = reg[cid]
+        if done and cid in done:
+            results.append(done[cid])
+            continue
         if progress is not None:
             progress(f"{cid}: {chk.title}")
         t0 = time.perf_counter()
         res = chk.fn(scale=scale, seed=seed)
         res.seconds = time.perf_counter() - t0
         results.append(res)
+        if on_result is not None:
+            on_result(list(results))
     return results

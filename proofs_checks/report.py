@@ -1,6 +1,8 @@
 """Reports of verification runs: a terminal table, ``report.json``, ``report.md`` and figures."""
 from __future__ import annotations
 
+import json
+
 import datetime as _dt
 import platform
 import sys
@@ -72,23 +74,53 @@ def _plot(result: CheckResult, path: Path) -> Path | None:
     return path
 
 
-def write_report(results: list[CheckResult], out_dir: str | Path, *, scale: str, seed: int) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and one ``<id>.png`` per check with a series."""
+def write_report(results: list[CheckResult], out_dir: str | Path, *, scale: str, seed: int,
+                 complete: bool = True, figures: bool = True) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and one ``<id>.png`` per check with a series.
+
+    ``complete=False`` marks a report written part-way through a run (``"complete": false``
+    in the JSON, a note in the markdown); ``awt verify --resume`` continues from it. Every file
+    is written atomically, so a report on disk is never half-written.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = dict(scale=scale, seed=seed, environment=_environment(),
+    payload = dict(scale=scale, seed=seed, complete=complete, environment=_environment(),
                    passed=all(r.passed for r in results), checks=[r.to_dict() for r in results])
     paths = {"json": atomic_write_json(out / "report.json", payload)}
-    md = [f"# awt verify ({scale}, seed {seed})", "", "| id | rigour | result | measured vs expected |",
-          "|---|---|---|---|"]
+    md = [f"# awt verify ({scale}, seed {seed})", ""]
+    if not complete:
+        md += ["*Partial report: the run has not finished (`awt verify --resume` continues it).*", ""]
+    md += ["| id | rigour | result | measured vs expected |", "|---|---|---|---|"]
     for r in results:
         md.append(f"| {r.id} | {r.rigour} | {'PASS' if r.passed else 'FAIL'} | {r.summary()} |")
     md.append("")
     for r in results:
         md += [f"## {r.id}", "", r.statement, "", f"Parameters: `{r.parameters}`", ""]
-        fig = _plot(r, out / f"{r.id}.png")
+        fig = _plot(r, out / f"{r.id}.png") if figures else None
+        if fig is None and not figures and (out / f"{r.id}.png").exists():
+            fig = out / f"{r.id}.png"
         if fig is not None:
             paths[r.id] = fig
             md += [f"![{r.id}]({fig.name})", ""]
     paths["md"] = atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     return paths
+
+
+def read_resumable(out_dir: str | Path, *, scale: str, seed: int) -> tuple[dict[str, CheckResult], str]:
+    """Results of an earlier run in ``out_dir`` that ``--resume`` may reuse, and a one-line reason.
+
+    Only a ``report.json`` of the same scale and seed counts (another scale or seed measures
+    something else); a missing or unreadable report gives no results.
+    """
+    path = Path(out_dir) / "report.json"
+    if not path.exists():
+        return {}, f"no report in {out_dir}: running every check"
+    try:
+        rep = json.loads(path.read_text())
+        results = {d["id"]: CheckResult.from_dict(d) for d in rep["checks"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return {}, f"{path} is not a readable awt report ({exc}): running every check"
+    if rep.get("scale") != scale or rep.get("seed") != seed:
+        return {}, (f"{path} is for scale {rep.get('scale')!r}, seed {rep.get('seed')!r}, not {scale!r}, {seed!r}: "
+                    "running every check")
+    return results, f"resuming from {path}: {', '.join(results) or 'no check'} done"

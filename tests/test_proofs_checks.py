@@ -124,3 +124,44 @@ def test_c7_linear_in_eps_and_a_quadratic_claim_fails():
         assert res.passed, res.summary()
     assert abs(res.measured["slope"] - 1.0) < 0.05
     assert not check_c7(seed=0, band=(1.9, 2.1)).passed
+
+
+def test_awt_verify_checkpoints_after_each_check_and_resumes(tmp_path, monkeypatch, capsys):
+    """An interrupted run leaves a complete, atomic partial report; --resume reruns only the rest,
+    and only for the same scale and seed."""
+    from proofs_checks import registry as reg_mod
+    calls = {"C6": 0, "C7": 0}
+
+    def wrap(cid, interrupt):
+        orig = reg_mod._REGISTRY[cid]
+
+        def fn(scale, seed):
+            calls[cid] += 1
+            if interrupt["on"]:
+                raise KeyboardInterrupt
+            return orig.fn(scale=scale, seed=seed)
+        monkeypatch.setitem(reg_mod._REGISTRY, cid, reg_mod.Check(cid, orig.title, orig.statement, orig.rigour, fn))
+
+    stop7 = {"on": True}
+    wrap("C6", {"on": False})
+    wrap("C7", stop7)
+    out = tmp_path / "rep"
+    with pytest.raises(KeyboardInterrupt):
+        main(["verify", "--only", "C6", "--only", "C7", "--out", str(out)])
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["complete"] is False and [c["id"] for c in rep["checks"]] == ["C6"]
+    assert "Partial report" in (out / "report.md").read_text() and (out / "C6.png").exists()
+    assert not list(out.glob(".*.tmp"))
+    stop7["on"] = False
+    assert main(["verify", "--only", "C6", "--only", "C7", "--out", str(out), "--resume"]) == 0
+    assert calls == {"C6": 1, "C7": 2}  # C6 reused from the partial report, C7 run again
+    assert "resuming from" in capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["complete"] is True and [c["id"] for c in rep["checks"]] == ["C6", "C7"] and rep["passed"]
+    # another seed measures something else: nothing is reused
+    assert main(["verify", "--only", "C6", "--out", str(out), "--resume", "--seed", "1"]) == 0
+    assert calls["C6"] == 2 and "running every check" in capsys.readouterr().err
+    # a file that is not a report is not trusted
+    (out / "report.json").write_text("{not json")
+    assert main(["verify", "--only", "C7", "--out", str(out), "--resume"]) == 0
+    assert calls["C7"] == 3 and "not a readable awt report" in capsys.readouterr().err
