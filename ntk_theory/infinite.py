@@ -121,8 +121,9 @@ def _sqrt_prod(va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
     if va.numel() == 0 or vb.numel() == 0:
         return torch.mul(va, vb)
     fi = torch.finfo(va.dtype)
-    hi = float(va.max()) * float(vb.max())
-    pa, pb = va[va > 0], vb[vb > 0]
+    da, db = va.detach(), vb.detach()
+    hi = float(da.max()) * float(db.max())
+    pa, pb = da[da > 0], db[db > 0]
     lo = float(pa.min()) * float(pb.min()) if pa.numel() and pb.numel() else 1.0
     if hi < fi.max / 16 and lo > fi.tiny * 16:
         return torch.mul(va, vb).sqrt_()
