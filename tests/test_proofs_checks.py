@@ -165,3 +165,27 @@ def test_awt_verify_checkpoints_after_each_check_and_resumes(tmp_path, monkeypat
     (out / "report.json").write_text("{not json")
     assert main(["verify", "--only", "C7", "--out", str(out), "--resume"]) == 0
     assert calls["C7"] == 3 and "not a readable awt report" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("factor", [1.01, 0.99])
+def test_c1_bias_test_catches_a_reference_one_percent_off(factor):
+    """A reference with sigma_w 1 % off (NTK about 6 % off) keeps the slope in band (the finite-width
+    error dominates it), but the Monte-Carlo bias statistic sees it."""
+    wrong = mlp(2, "relu", factor * 2 ** 0.5)
+    res = check_c1(scale="quick", seed=0, reference=wrong)
+    assert -0.65 <= res.measured["slope_ntk"] <= -0.35  # the slope alone would pass
+    assert res.measured["bias_z_ntk"] > 2.5 and not res.passed
+    good = check_c1(scale="quick", seed=0)
+    assert good.passed and good.measured["bias_z_ntk"] < 2.0
+
+
+def test_bias_z_is_about_one_without_bias_and_grows_with_it():
+    import torch
+    from proofs_checks.stats import bias_z
+    g = torch.Generator().manual_seed(0)
+    widths = [64, 256, 1024]
+    limit = torch.zeros(20)
+    ks = [torch.randn(8, 20, generator=g, dtype=torch.float64) / w ** 0.5 for w in widths]
+    z0 = bias_z(widths, ks, limit)
+    assert 0.5 < z0 < 1.6
+    assert bias_z(widths, ks, limit + 0.05) > 3 * z0
