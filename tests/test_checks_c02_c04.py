@@ -136,3 +136,14 @@ def test_checks_are_deterministic():
     small = dict(widths=[64, 128], densities=[0.5], seeds=2, n_points=4)
     assert check_c2(seed=1, **small).details["err_masked"] == check_c2(seed=1, **small).details["err_masked"]
     assert not math.isnan(a.measured["gaps"][0])
+
+
+def test_c4_bias_test_catches_a_mixture_with_a_slightly_wrong_density():
+    """q_mix = 0.2 instead of 0.25 (about 2.5 % off) keeps the slope against the mixture in band;
+    the Monte-Carlo bias statistic rejects it."""
+    from proofs_checks.checks.c04_first_layer_mask import check_c4
+    good = check_c4(seed=0)
+    assert good.passed and max(good.measured["bias_z_vs_mixture"]) < 2.0
+    wrong = check_c4(seed=0, mixture_density=0.2)
+    assert all(-0.65 <= s <= -0.35 for s in wrong.measured["slopes_vs_mixture"])
+    assert max(wrong.measured["bias_z_vs_mixture"]) > 2.5 and not wrong.passed

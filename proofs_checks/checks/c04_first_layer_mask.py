@@ -72,7 +72,7 @@ from ntk_theory.masks import apply_mask, random_mask
 from ntk_theory.metrics import relative_frobenius
 
 from ..registry import CheckResult, progress, register
-from ..stats import bootstrap_slope, loglog_slope
+from ..stats import BIAS_Z, bias_z, bootstrap_slope, loglog_slope
 from .c01_ntk_concentration import sphere_inputs
 
 BAND = (-0.65, -0.35)
@@ -168,9 +168,9 @@ def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = Tr
     for iq, q in enumerate(progress(p["densities"], "C4 densities")):
         q_mix = q if mixture_density is None else mixture_density
         _, mix = first_layer_masked_limit(x, depth, q_mix, generator=torch.Generator().manual_seed(seed + 17))
-        e_ctrl, e_first, e_mix = [], [], []
+        e_ctrl, e_first, e_mix, k_first = [], [], [], []
         for n in widths:
-            c, f, m = [], [], []
+            c, f, m, kf = [], [], [], []
             for s in range(S):
                 gs = torch.Generator().manual_seed(seed * 1_000_003 + n * 7_919 + iq * 101 + s)
                 net = kern.finite((p["d_in"],), n, generator=gs)
@@ -181,22 +181,25 @@ def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = Tr
                 if mask_first_layer:     # same weights and later masks: only the first-layer mask differs
                     apply_mask(net, {first: full[first]}, rescale=True)
                 theta = empirical_ntk(net, x)
+                kf.append(theta)
                 f.append(float(relative_frobenius(theta, dense)))
                 m.append(float(relative_frobenius(theta, mix)))
             e_ctrl.append(c)
             e_first.append(f)
             e_mix.append(m)
+            k_first.append(torch.stack(kf))
         s_c, ci_c = bootstrap_slope(widths, e_ctrl, seed=seed + 3 * iq)
         s_f, ci_f = bootstrap_slope(widths[-3:], e_first[-3:], seed=seed + 3 * iq + 1)
         s_f_all = loglog_slope(widths, [np.mean(v) for v in e_first])
         s_m, ci_m = bootstrap_slope(widths, e_mix, seed=seed + 3 * iq + 2)
         mc, mf, mm = ([float(np.mean(v)) for v in e] for e in (e_ctrl, e_first, e_mix))
         gap = float(relative_frobenius(mix, dense))
+        z_mix = bias_z(widths, k_first, mix)  # the masked-first kernels average to the mixture
         ok = dict(control_decays=BAND[0] <= s_c <= BAND[1], first_plateaus=s_f > PLATEAU,
-                  first_above_control=mf[-1] > factor * mc[-1], converges_to_mixture=BAND[0] <= s_m <= BAND[1])
+                  first_above_control=mf[-1] > factor * mc[-1], converges_to_mixture=BAND[0] <= s_m <= BAND[1] and z_mix <= BIAS_Z)
         passed &= all(ok.values())
         rows.append(dict(density=q, slope_control=s_c, ci_control=list(ci_c), slope_first=s_f, ci_first=list(ci_f),
-                         slope_first_all_widths=s_f_all, slope_mixture=s_m, ci_mixture=list(ci_m), gap=gap,
+                         slope_first_all_widths=s_f_all, slope_mixture=s_m, ci_mixture=list(ci_m), bias_z_mixture=z_mix, gap=gap,
                          err_control=mc, err_first=mf, err_first_vs_mixture=mm, first_over_control=mf[-1] / mc[-1],
                          plateau_over_gap=mf[-1] / gap if gap > 0 else float("inf"),
                          criteria={k: bool(v) for k, v in ok.items()},
@@ -212,10 +215,12 @@ def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = Tr
                       slopes_first=[r["slope_first"] for r in rows],
                       slopes_first_all_widths=[r["slope_first_all_widths"] for r in rows],
                       slopes_vs_mixture=[r["slope_mixture"] for r in rows],
+                      bias_z_vs_mixture=[r["bias_z_mixture"] for r in rows],
                       first_over_control_at_max_width=[r["first_over_control"] for r in rows],
                       gaps=[r["gap"] for r in rows],
                       plateau_over_gap=[r["plateau_over_gap"] for r in rows]),
-        expected=dict(slope_band=list(BAND), first_slope_above=PLATEAU, first_over_control_above=factor),
+        expected=dict(slope_band=list(BAND), first_slope_above=PLATEAU, first_over_control_above=factor,
+                      bias_z_vs_mixture=f"<= {BIAS_Z}"),
         passed=bool(passed),
         details=dict(widths=widths, rows=rows,
                      series=dict(x=widths, y={f"masked first, vs dense (q={last['density']:g})": last["err_first"],
