@@ -44,7 +44,10 @@ needs a small fan-in.
    it is steeper, because at small n the finite-width fluctuation still exceeds the gap;
 3. it stays well above the control: at the largest width, its mean exceeds
    ``factor`` (3) times the control's;
-4. the mechanism: :math:`r(\hat\Theta_{first}, \Theta_{mix})` decays, with slope in [-0.65, -0.35].
+4. the mechanism: :math:`r(\hat\Theta_{first}, \Theta_{mix})` decays, with slope in [-0.65, -0.35],
+   and the masked-first kernels average to :math:`\Theta_{mix}` (Monte-Carlo bias statistic
+   :func:`proofs_checks.stats.bias_z` at most 2.5; the slope alone accepts a mixture a few per
+   cent off).
 
 The check fails if the first layer is not really masked (the plateau disappears), if
 :math:`dq` is large (the gap falls below the finite-width error), or if the mixture is
