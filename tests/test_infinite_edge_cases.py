@@ -541,3 +541,16 @@ def test_same_tensor_as_x2_in_blocks_pins_self_pairs():
     for out in (k(x, x, batch_size=3).ntk, k(x, x.clone(), batch_size=3).ntk, k(x, batch_size=3).ntk):
         assert torch.allclose(out, ref, rtol=1e-14, atol=0)
         assert torch.allclose(out.diagonal(), analytic, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype,scales,tol", [(torch.float64, (1e150, 1e-150), 1e-14),
+                                              (torch.float32, (1e18, 1e-18), 1e-6)])
+def test_extreme_input_scales_are_exact_up_to_homogeneity(dtype, scales, tol):
+    """ReLU, sigma_b = 0: K(s x) = s^2 K(x) for inputs scaled far beyond sqrt(max float) (README claim)."""
+    x = torch.randn(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    k = mlp(2)
+    base = k(x, dtype=dtype).ntk
+    for s in scales:
+        ratio = k(s * x, dtype=dtype).ntk / (s * s) / base
+        assert torch.isfinite(ratio).all()
+        assert float((ratio - 1).abs().max()) < tol, s
