@@ -642,15 +642,17 @@ def _homogeneous_block(plan, x1, x2, want_ntk: bool, dup):
         rho.masked_fill_(dup, 1.0)
     t = rho.clone() if want_ntk else None
     scale = 1.0
+    # two work buffers reused over the layers (fresh block-sized temporaries cost page faults)
+    theta, spare = torch.empty_like(rho), torch.empty_like(rho)
     for (a, b), sw2 in steps:
         f = (a - b) ** 2 / (2 * math.pi)
         A = (a * a + b * b) / 2
-        theta = torch.acos(rho)
-        sn = torch.sin(theta)
+        torch.acos(rho, out=theta)
+        sn = torch.sin(theta, out=spare)
         kd = theta.mul_(-f).add_(A)                                   # A - f theta
-        rho = sn.mul_(f / A).addcmul_(kd, rho, value=1.0 / A).clamp_(-1.0, 1.0)
+        rho, spare = sn.mul_(f / A).addcmul_(kd, rho, value=1.0 / A).clamp_(-1.0, 1.0), rho
         if want_ntk:
-            t = torch.addcmul(rho, kd, t, value=1.0 / A)
+            t.mul_(kd).mul_(1.0 / A).add_(rho)                        # rho + (A - f theta) t / A
         scale *= sw2 * A
     s.mul_(scale)
     return rho.mul_(s), (t.mul_(s) if want_ntk else None)
