@@ -123,8 +123,9 @@ def _sqrt_prod(va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
     fi = torch.finfo(va.dtype)
     da, db = va.detach(), vb.detach()
     hi = float(da.max()) * float(db.max())
-    pa, pb = da[da > 0], db[db > 0]
-    lo = float(pa.min()) * float(pb.min()) if pa.numel() and pb.numel() else 1.0
+    inf = da.new_tensor(float("inf"))
+    lo = float(torch.where(da > 0, da, inf).min()) * float(torch.where(db > 0, db, inf).min())  # smallest positive
+    lo = 1.0 if math.isinf(lo) else lo  # no positive variance on a side: all products are 0, exact
     if hi < fi.max / 16 and lo > fi.tiny * 16:
         return torch.mul(va, vb).sqrt_()
     return _geo_mean(va, vb)
@@ -258,32 +259,45 @@ def _erf_expect(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor):
     return e, ed
 
 
-def _row_ids(x1: torch.Tensor, x2: torch.Tensor, same: bool) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Ids of the rows of ``x1`` and ``x2`` (equal ids = identical inputs) and whether any row repeats;
-    ``same``: ``x2`` is ``x1`` as one row set (``k(x)``), whose blocks pair it with itself on the diagonal.
-
-    One ``torch.unique`` over all rows, computed once per kernel call; blocks compare ids.
-    Exact row identity (no GEMM threshold, which float32 rounding defeats); ``+ 0.0`` makes -0.0 == 0.0.
-    """
-    a = x1.detach().reshape(x1.shape[0], -1)
-    rows = a if same else torch.cat([a, x2.detach().reshape(x2.shape[0], -1)])
-    _, inv = torch.unique(rows + 0.0, dim=0, return_inverse=True)
-    repeated = int(inv.max()) + 1 < rows.shape[0]
-    return inv[: a.shape[0]], (inv[: a.shape[0]] if same else inv[a.shape[0]:]), repeated
+_HASH_P = 2 ** 31 - 1  # a prime: products stay below 2**62 and, reduced, each term below 2**31,
+                       # so int64 row sums cannot overflow for rows of fewer than 2**32 entries
+_HASH_COEF: dict = {}
 
 
-def _exact_duplicates(ids1: torch.Tensor, ids2: torch.Tensor, repeated: bool, diagonal: bool) -> torch.Tensor | None:
+def _row_keys(x: torch.Tensor) -> torch.Tensor:
+    """An exact integer hash of each row's bit pattern (``-0.0`` folded into ``0.0``): identical rows
+    get identical keys whatever the order of summation; different rows rarely do (any collision is
+    resolved by :func:`_exact_duplicates`). One pass over the inputs, no sort."""
+    a = (x.detach().reshape(x.shape[0], -1) + 0.0).contiguous()
+    ibits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    bits = torch.remainder(a.view(ibits).to(torch.int64), _HASH_P)
+    key = (a.shape[1], a.device)
+    if key not in _HASH_COEF:
+        g = torch.Generator().manual_seed(20220214)
+        _HASH_COEF[key] = torch.randint(1, _HASH_P, (a.shape[1],), generator=g, dtype=torch.int64).to(a.device)
+    return torch.remainder(bits * _HASH_COEF[key], _HASH_P).sum(1)
+
+
+def _exact_duplicates(r1: torch.Tensor, r2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> torch.Tensor | None:
     """Boolean ``(n1, n2)`` marking pairs of identical inputs (None if there are none).
 
     Identical inputs have correlation exactly 1, but a GEMM and a row sum round
     differently, and arccos turns an O(eps) error in rho into O(sqrt(eps)) in the kernel.
-    Marked pairs get their cross covariance set to the (identical) self variance. ``diagonal``:
-    the block pairs a row set with itself (its self-pairs are duplicates).
+    Marked pairs get their cross covariance set to the (identical) self variance. Candidates are
+    pairs with equal keys (:func:`_row_keys`, computed once per kernel call); each is confirmed by
+    comparing the rows exactly (no GEMM threshold, which float32 rounding defeats).
     """
-    if not repeated:
-        return torch.eye(ids1.shape[0], dtype=torch.bool, device=ids1.device) if diagonal else None
-    dup = ids1[:, None] == ids2[None, :]
-    return dup if bool(dup.any()) else None
+    cand = k1[:, None] == k2[None, :]
+    if not bool(cand.any()):
+        return None
+    i, j = cand.nonzero(as_tuple=True)
+    a, b = r1.detach().reshape(r1.shape[0], -1), r2.detach().reshape(r2.shape[0], -1)
+    same = ((a[i] + 0.0) == (b[j] + 0.0)).all(1)
+    if not bool(same.any()):
+        return None
+    dup = torch.zeros_like(cand)
+    dup[i[same], j[same]] = True
+    return dup
 
 
 def _pin_duplicates(dup: torch.Tensor | None, cross: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor):
@@ -702,10 +716,10 @@ class KernelFn:
             raise ValueError(f"{name}: every feature dimension must be >= 1, got shape {tuple(x.shape)}")
         return x
 
-    def _block(self, x1, x2, want_ntk, symmetric=False, fast=False, ids=None):
-        if ids is None:
-            ids = _row_ids(x1, x2, x2 is x1)
-        dup = _exact_duplicates(ids[0], ids[1], ids[2], x2 is x1)  # identical rows inside x1 are pinned too
+    def _block(self, x1, x2, want_ntk, symmetric=False, fast=False, keys=None):
+        if keys is None:
+            keys = (_row_keys(x1), _row_keys(x1) if x2 is x1 else _row_keys(x2))
+        dup = _exact_duplicates(x1, x2, *keys)  # identical rows inside x1 are pinned too
         if fast:
             nngp, ntk = _homogeneous_block(self._plan, x1, x2, want_ntk, dup)
             if symmetric:
@@ -753,9 +767,10 @@ class KernelFn:
         fast = (self._plan is not None and x1.dim() == 2
                 and not (torch.is_grad_enabled() and (x1.requires_grad or x2.requires_grad)))
         n1, n2 = x1.shape[0], x2.shape[0]
-        ids1, ids2, repeated = _row_ids(x1, x2, sym)
+        k1 = _row_keys(x1)
+        k2 = k1 if x2 is x1 else _row_keys(x2)
         if n1 <= bs and n2 <= bs:
-            nngp, ntk = self._block(x1, x2, want_ntk, sym, fast, (ids1, ids2, repeated))
+            nngp, ntk = self._block(x1, x2, want_ntk, sym, fast, (k1, k2))
         else:
             # only the requested kernels are stored: the peak is the output plus O(bs^2) per block
             outs = {g: x1.new_empty((n1, n2)) for g in gets}
@@ -765,8 +780,7 @@ class KernelFn:
                         continue
                     b1, b2 = x1[i:i + bs], x2[j:j + bs]
                     kn, kt = self._block(b1, b1 if (sym and i == j) else b2, want_ntk, sym and i == j, fast,
-                                         (ids1[i:i + bs], ids1[i:i + bs] if (sym and i == j) else ids2[j:j + bs],
-                                          repeated))
+                                         (k1[i:i + bs], k1[i:i + bs] if (sym and i == j) else k2[j:j + bs]))
                     for g, blk in (("nngp", kn), ("ntk", kt)):
                         if g in outs:
                             outs[g][i:i + bs, j:j + bs] = blk
