@@ -118,3 +118,25 @@ def check_int(value: Any, name: str, minimum: int | None = None, maximum: int | 
         hi = "inf" if maximum is None else str(maximum)
         raise ValueError(f"{name}: got {v}; accepted range is [{lo}, {hi}]")
     return v
+
+
+def check_real(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Raise ``TypeError`` for complex tensors (their imaginary part would be dropped silently)."""
+    if x.is_complex():
+        raise TypeError(f"{name}: expected real values, got dtype {x.dtype}")
+    return x
+
+
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
+    return value
+
+
+def check_finite_number(value: Any, name: str, what: str = "a finite real number") -> float:
+    """A finite real number (``ValueError`` naming the argument otherwise, whatever the type)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    v = float(value) if ok else math.nan
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: got {value!r}; expected {what}")
+    return v

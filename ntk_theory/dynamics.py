@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ._checks import as_tensor, check_choice, check_finite, check_nonnegative, check_positive, check_rank
+from ._checks import as_tensor, check_choice, check_finite, check_nonnegative, check_positive, check_rank, check_real
 
 __all__ = [
     "NORMALIZATIONS",
@@ -136,14 +136,8 @@ def _psd_rtol(n: int, dtype: torch.dtype, psd_rtol: float | None) -> float:
     return max(1e-10, 10.0 * n * eps)
 
 
-def _real(x: torch.Tensor, name: str) -> torch.Tensor:
-    if x.is_complex():
-        raise TypeError(f"{name}: expected real values, got dtype {x.dtype}")
-    return x
-
-
 def _flat_kernel(k, name: str, rank4_ok: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    k = _real(as_tensor(k, name), name)
+    k = check_real(as_tensor(k, name), name)
     check_rank(k, name, (2, 4) if rank4_ok else (2,), "a kernel (N1, N2)" + (" or (N1, N2, O, O)" if rank4_ok else ""))
     if k.dim() == 4 and k.shape[2] != k.shape[3]:
         raise ValueError(f"{name}: a multi-output kernel must have shape (N1, N2, O, O), got {tuple(k.shape)}")
@@ -177,7 +171,7 @@ def _check_psd(flat: torch.Tensor, name: str, rtol: float) -> tuple[torch.Tensor
 def _times(t, name: str, integer: bool = False) -> torch.Tensor:
     if isinstance(t, (int, float, np.integer, np.floating)) and not isinstance(t, bool):
         t = [float(t)]
-    tt = _real(as_tensor(t, name), name).to(torch.float64)
+    tt = check_real(as_tensor(t, name), name).to(torch.float64)
     if tt.dim() == 0:
         tt = tt.reshape(1)
     check_rank(tt, name, (1,), "a scalar or a vector of times")
@@ -193,7 +187,7 @@ def _times(t, name: str, integer: bool = False) -> torch.Tensor:
 
 def _targets(y, n_rows: int, out: int | None, name: str = "y") -> tuple[torch.Tensor, torch.Tensor]:
     """``y`` ``(N,)`` or ``(N, O)`` -> (original, ``(N, O)`` float64)."""
-    y = _real(as_tensor(y, name), name)
+    y = check_real(as_tensor(y, name), name)
     check_rank(y, name, (1, 2), "targets (N,) or (N, O)")
     if y.numel() == 0:
         raise ValueError(f"{name}: got shape {tuple(y.shape)}; at least one training point and one output are needed")
@@ -299,7 +293,7 @@ def _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg,
     if f0 is None:
         f0_2 = torch.zeros_like(y2)
     else:
-        f0_t = _real(as_tensor(f0, "f0"), "f0")
+        f0_t = check_real(as_tensor(f0, "f0"), "f0")
         check_finite(f0_t, "f0")
         if f0_t.shape != y_orig.shape:
             raise ValueError(f"f0: shape {tuple(f0_t.shape)} does not match y's {tuple(y_orig.shape)}")
@@ -320,7 +314,7 @@ def _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg,
                                  "pass zeros explicitly for a zero-initialised predictor")
             f0t_2 = torch.zeros(m, y2.shape[1], dtype=torch.float64)
         else:
-            f0t = _real(as_tensor(f0_test, "f0_test"), "f0_test")
+            f0t = check_real(as_tensor(f0_test, "f0_test"), "f0_test")
             check_finite(f0t, "f0_test")
             want = (m,) + tuple(y_orig.shape[1:])
             if tuple(f0t.shape) != want:

@@ -608,11 +608,17 @@ def _pool_patterns(model: nn.Module, layers: list[_Layer]) -> dict[int, tuple[nn
                 and not pool.return_indices and not pool.ceil_mode and _unhooked(relu) and _unhooked(pool)
                 and _runs_forward(relu) and _runs_forward(pool) and _runs_forward(lay.module)):
             continue
-        k = _pair(pool.kernel_size)
-        if k == _pair(pool.stride if pool.stride is not None else k) and _pair(pool.padding) == (0, 0) \
-                and _pair(pool.dilation) == (1, 1):
+        if _tiling_pool(pool):
             found[i] = (relu, pool)
     return found
+
+
+def _tiling_pool(pool: nn.MaxPool2d) -> bool:
+    """Windows that tile the input (stride = kernel, no padding, no dilation, floor mode): every input
+    position is in at most one window, so signals at the pool output scatter without collisions."""
+    k = _pair(pool.kernel_size)
+    return (k == _pair(pool.stride if pool.stride is not None else k) and _pair(pool.padding) == (0, 0)
+            and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode)
 
 
 def _trace(prob: _Problem, layers: list[_Layer], x: torch.Tensor, pools: bool = True) -> _Features:
@@ -836,10 +842,7 @@ def _pool_form(plan, j: int) -> bool:
     """Is the conv at ``plan[j]`` followed by ReLU and a non-overlapping, unpadded MaxPool2d?"""
     if j + 2 >= len(plan) or plan[j + 1][2] != "relu" or plan[j + 2][2] != "maxpool":
         return False
-    pool = plan[j + 2][1]
-    k = _pair(pool.kernel_size)
-    return (k == _pair(pool.stride if pool.stride is not None else k) and _pair(pool.padding) == (0, 0)
-            and _pair(pool.dilation) == (1, 1) and not pool.ceil_mode)
+    return _tiling_pool(plan[j + 2][1])
 
 
 def _trace_sequential(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> _Features | None:

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ._checks import as_tensor, check_choice, check_density, check_finite, check_int, check_nonnegative
+from ._checks import check_bool, check_finite_number, check_real
 from . import layers as _fl
 
 __all__ = [
@@ -395,12 +396,6 @@ class Layer:
         return self.name
 
 
-def _check_bool(v, name):
-    if not isinstance(v, bool):
-        raise TypeError(f"{name}: expected True or False, got {v!r}")
-    return v
-
-
 def _check_sigmas(sigma_w, sigma_b):
     check_nonnegative(sigma_w, "sigma_w")
     check_nonnegative(sigma_b, "sigma_b")
@@ -418,7 +413,7 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
     """
     sw, sb = _check_sigmas(sigma_w, sigma_b)
     q = check_density(density)
-    _check_bool(rescale, "rescale")
+    check_bool(rescale, "rescale")
     sw2 = sw * sw * (1.0 if rescale else q)
     sb2 = sb * sb
 
@@ -465,7 +460,7 @@ def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, 
         raise ValueError(f"kernel_size: got {k}; only odd kernel sizes are supported (stride 1, 'SAME' padding)")
     sw, sb = _check_sigmas(sigma_w, sigma_b)
     q = check_density(density)
-    _check_bool(rescale, "rescale")
+    check_bool(rescale, "rescale")
     sw2 = sw * sw * (1.0 if rescale else q)
     sb2 = sb * sb
 
@@ -556,9 +551,7 @@ def Relu() -> Layer:
 
 def LeakyRelu(alpha: float = 0.01) -> Layer:
     """Leaky ReLU with negative slope ``alpha``."""
-    alpha = float(alpha)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha: got {alpha!r}; expected a finite slope")
+    alpha = check_finite_number(alpha, "alpha", "a finite slope")
     return _nonlin(f"LeakyRelu({alpha:g})", lambda c, va, vb: _ABReluExpect.apply(c, va, vb, alpha, 1.0),
                    lambda: nn.LeakyReLU(alpha), ("abrelu", alpha, 1.0))
 
@@ -701,8 +694,7 @@ class KernelFn:
     # -- validation ---------------------------------------------------------------------
     def _prep(self, x, name, dtype):
         x = as_tensor(x, name)
-        if x.is_complex():
-            raise TypeError(f"{name}: complex inputs are not supported (got dtype {x.dtype}); pass a real tensor")
+        check_real(x, name)
         x = x.to(dtype)
         check_finite(x, name)
         want = 4 if self.is_conv else None
@@ -846,8 +838,8 @@ def mlp(depth: int, activation: str = "relu", sigma_w: float = 2 ** 0.5, sigma_b
     depth = check_int(depth, "depth", minimum=0)
     check_choice(activation, "activation", tuple(_ACTS))
     q = check_density(density)
-    _check_bool(rescale, "rescale")
-    _check_bool(mask_first_layer, "mask_first_layer")
+    check_bool(rescale, "rescale")
+    check_bool(mask_first_layer, "mask_first_layer")
     act = (lambda: LeakyRelu(alpha)) if activation == "leaky_relu" else _ACTS[activation]
     first_q = q if mask_first_layer else 1.0
     layers = [Dense(sigma_w, sigma_b, density=first_q, rescale=rescale)]

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_choice, check_int, check_nonnegative
+from ._checks import check_choice, check_finite_number, check_int, check_nonnegative
 
 __all__ = ["NTKLinear", "NTKConv2d", "Erf", "activation_module", "finite_mlp", "finite_cnn", "ACTIVATIONS"]
 
@@ -100,13 +100,6 @@ class Erf(nn.Module):
         return torch.erf(h)
 
 
-def _check_alpha(alpha) -> float:
-    a = float(alpha) if isinstance(alpha, (int, float)) and not isinstance(alpha, bool) else None
-    if a is None or not math.isfinite(a):
-        raise ValueError(f"alpha: got {alpha!r}; the leaky-ReLU slope must be a finite real number")
-    return a
-
-
 def activation_module(name: str, alpha: float = 0.01) -> nn.Module:
     """The finite counterpart of an activation name of :func:`ntk_theory.infinite.mlp`."""
     check_choice(name, "activation", ACTIVATIONS)
@@ -133,7 +126,7 @@ def finite_mlp(d_in: int, width: int, depth: int, out_features: int = 1, *, acti
     check_int(width, "width", minimum=1)
     check_int(d_in, "d_in", minimum=1)
     check_choice(activation, "activation", ACTIVATIONS)
-    _check_alpha(alpha)
+    check_finite_number(alpha, "alpha", "a finite leaky-ReLU slope")
     layers: list[nn.Module] = []
     fan_in = d_in
     for _ in range(depth):
@@ -161,7 +154,7 @@ def finite_cnn(in_channels: int, channels: int, depth: int, image_size: tuple[in
     for s in image_size:
         check_int(s, "image_size", minimum=1)
     check_choice(activation, "activation", ACTIVATIONS)
-    _check_alpha(alpha)
+    check_finite_number(alpha, "alpha", "a finite leaky-ReLU slope")
     layers: list[nn.Module] = []
     c = in_channels
     for _ in range(depth):

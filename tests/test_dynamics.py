@@ -398,6 +398,25 @@ def _psd(n=4):
     (dict(k_test_train=torch.zeros(1, 2, dtype=DT), f0_test=torch.zeros(2, dtype=DT)), "f0_test"),
     (dict(normalization="mean"), "normalization"),
     (dict(diag_reg=-1.0), "diag_reg"),
+    # edge cases (from a review): subnormal/infinite times, non-finite lr and diag_reg, wrong ranks,
+    # a slightly indefinite kernel, non-finite targets and test kernels, f0_test without k_test_train
+    (dict(t=[-1e-300]), "t"),
+    (dict(t=[-math.inf]), "t"),
+    (dict(t=[[1.0]]), "t"),
+    (dict(lr=math.inf), "lr"),
+    (dict(lr=float("nan")), "lr"),
+    (dict(diag_reg=math.inf), "diag_reg"),
+    (dict(psd_rtol=-1.0), "psd_rtol"),
+    (dict(k_train=torch.ones(2, 2, 1, 2, dtype=DT)), "k_train"),
+    (dict(k_train=torch.ones(2, 2, 1, dtype=DT)), "k_train"),
+    (dict(k_train=torch.tensor([[1.0, 0.0], [0.0, -1e-3]], dtype=DT)), "k_train"),  # slightly indefinite
+    (dict(y=torch.zeros(2, 1, 1, dtype=DT)), "y"),
+    (dict(y=torch.tensor([0.0, math.inf], dtype=DT)), "y"),
+    (dict(f0=torch.tensor([0.0, math.nan], dtype=DT)), "f0"),
+    (dict(k_test_train=torch.tensor([[0.0, math.nan]], dtype=DT)), "k_test_train"),
+    (dict(k_test_train=torch.zeros(1, 2, 1, 1, dtype=DT)), "k_test_train"),
+    (dict(k_test_train=torch.zeros(1, 2, dtype=DT), f0_test=torch.tensor([math.inf], dtype=DT)), "f0_test"),
+    (dict(f0_test=torch.zeros(1, dtype=DT)), "f0_test"),  # without k_test_train
 ])
 def test_flow_validation(kwargs, arg):
     base = dict(k_train=torch.eye(2, dtype=DT), y=torch.zeros(2, dtype=DT), t=[1.0])

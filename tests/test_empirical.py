@@ -17,21 +17,10 @@ from ntk_theory.empirical import empirical_ntk
 from ntk_theory.layers import Erf, NTKConv2d, NTKLinear, finite_mlp
 from ntk_theory.masks import apply_mask, random_mask
 
+from ntk_helpers import TOL, assert_rel, engine_taken
+from ntk_helpers import gen as _gen
+
 D = torch.float64
-TOL = 1e-10
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
-    """max |out - ref| <= tol * max |ref| (shapes and dtypes equal)."""
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert out.dtype == ref.dtype
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    err = float((out - ref).abs().max()) if ref.numel() else 0.0
-    assert err <= tol * max(scale, 1e-300), f"relative error {err / max(scale, 1e-300):.3e} > {tol:g}"
 
 
 def lenet(bias: bool = True, pool: str = "max", c1: int = 3, c2: int = 4, out: int = 3, seed: int = 0) -> nn.Module:
@@ -692,12 +681,6 @@ def test_conv_relu_maxpool_signal_chunks_and_fallbacks(monkeypatch):
 # ------------------------------------------------------------------------------------------
 # The sequential engine (plain nn.Sequential traced without autograd) against the reference
 # ------------------------------------------------------------------------------------------
-def _engine_taken(model, x, **kw) -> bool:
-    from ntk_theory import empirical as E
-    prob = E._prepare(model, kw.get("params"), kw.get("mask"), kw.get("mask_mode", "subnetwork"), None)
-    return E._trace_sequential(prob, E._structured_layers(prob), x.to(D)) is not None
-
-
 def _all_paths_match(model, x1, x2=None, **kw):
     """structured (engine where taken, and the autograd trace forced) equals the jacobian reference."""
     from unittest import mock
@@ -720,7 +703,7 @@ def test_engine_activations_and_nested_sequentials(act):
     g = _gen(2)
     x1, x2 = torch.randn(5, 2, 8, 8, generator=g, dtype=D), torch.randn(3, 2, 8, 8, generator=g, dtype=D)
     x1[0] = 0.0  # activations at exactly 0 (ReLU' = 0 there, as autograd), ties in every pool window
-    assert _engine_taken(model, x1)
+    assert engine_taken(model, x1)
     _all_paths_match(model, x1, x2)
 
 
@@ -735,7 +718,7 @@ def test_engine_pooling_geometries_after_relu(pool):
         out = model.to(D)(x)
     model.append(nn.Linear(out[0].numel(), 2).to(D))
     x[1] = x[1].round()  # ties
-    assert _engine_taken(model, x)
+    assert engine_taken(model, x)
     _all_paths_match(model, x, torch.randn(2, 1, 11, 11, generator=_gen(4), dtype=D))
 
 
@@ -752,7 +735,7 @@ def test_engine_masks_and_parametrised_models(masked):
             kw = dict(mask_mode="ntt")
     else:
         kw = dict(mask=m, mask_mode=masked)
-    assert _engine_taken(model, x1, **kw)
+    assert engine_taken(model, x1, **kw)
     _all_paths_match(model, x1, x2, **kw)
 
 
@@ -760,10 +743,10 @@ def test_engine_output_shapes_and_params_subsets():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Conv2d(2, 2, 3)).to(D)  # output (N, 2, 4, 4): O = 32
     x = torch.randn(3, 1, 8, 8, generator=_gen(8), dtype=D)
-    assert _engine_taken(model, x)
+    assert engine_taken(model, x)
     _all_paths_match(model, x, torch.randn(2, 1, 8, 8, generator=_gen(9), dtype=D))
     params = {"0.bias": model[0].bias.detach(), "2.weight": model[2].weight.detach() * 2}  # bias-only conv layer
-    assert _engine_taken(model, x, params=params)
+    assert engine_taken(model, x, params=params)
     _all_paths_match(model, x, params=params)
 
 
@@ -788,16 +771,16 @@ def test_engine_declines_what_it_does_not_know():
              nn.Sequential(nn.Conv2d(1, 2, 2, padding="same"), nn.Flatten(), nn.Linear(128, 2)).to(D),
              MySeq(nn.Flatten(), nn.Linear(64, 2)).to(D)]
     for model in cases:
-        assert not _engine_taken(model, x), model
+        assert not engine_taken(model, x), model
         assert_rel(empirical_ntk(model, x, method="structured"), empirical_ntk(model, x, method="jacobian"))
     # a global module hook switches the engine off
     model = net(nn.ReLU())
     handle = nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
     try:
-        assert not _engine_taken(model, x)
+        assert not engine_taken(model, x)
     finally:
         handle.remove()
-    assert _engine_taken(model, x)
+    assert engine_taken(model, x)
     # an input that does not fit the model: the autograd trace raises torch's own error
     with pytest.raises(RuntimeError):
         empirical_ntk(model, torch.randn(2, 1, 9, 9, dtype=D), method="structured")

@@ -24,8 +24,10 @@ from ntk_theory.empirical import empirical_ntk
 from ntk_theory.layers import Erf, NTKConv2d, NTKLinear
 from ntk_theory.masks import apply_mask, random_mask
 
+from ntk_helpers import TOL, assert_rel, engine_taken
+from ntk_helpers import gen as _gen
+
 D = torch.float64
-TOL = 1e-10
 MODES = ("full", "trace", "diagonal")
 
 
@@ -36,24 +38,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
-    """max |out - ref| <= tol * max |ref| (shapes and dtypes equal)."""
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    assert out.dtype == ref.dtype
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    err = float((out - ref).abs().max()) if ref.numel() else 0.0
-    assert err <= tol * max(scale, 1e-300), f"relative error {err / max(scale, 1e-300):.3e} > {tol:g}"
-
-
-def _engine_taken(model, x, **kw) -> bool:
-    prob = E._prepare(model, kw.get("params"), kw.get("mask"), kw.get("mask_mode", "subnetwork"), kw.get("dtype"))
-    return E._trace_sequential(prob, E._structured_layers(prob), x.to(prob.dtype)) is not None
 
 
 def _matches(model, x1, x2=None, block_sizes=(None,), **kw) -> None:
@@ -171,7 +155,7 @@ def _architectures(draw):
     elif head == "flatten2":
         mods.append(nn.Flatten(2))
     if not any(isinstance(m, nn.Conv2d) for m in mods):  # the first conv did not fit: a 1x1 conv always does
-        mods.insert(0, nn.Conv2d(in_shape[0], 1, 1))
+        mods.insert(0, nn.Conv2d(in_shape[0], in_shape[0], 1))  # (keeping the channels: the head was sized on them)
     model = nn.Sequential(*mods).to(D)
 
     kw: dict = {}
@@ -207,7 +191,7 @@ def test_random_sequential_architectures_match_reference(case):
     padding, and agrees with the reference."""
     model, x1, x2, kw, bs = case
     asym = any(isinstance(m, nn.Conv2d) and E._conv_padding(m) is None for m in model.modules())
-    assert _engine_taken(model, x1, **kw) == (not asym), model
+    assert engine_taken(model, x1, **kw) == (not asym), model
     _matches(model, x1, x2, block_sizes=(bs,), **kw)
 
 
@@ -246,7 +230,7 @@ def test_gathered_pool_form_matches_reference(arch, variant, monkeypatch):
     calls = []
     orig = E._Jac._gathered
     monkeypatch.setattr(E._Jac, "_gathered", lambda self, s, J: calls.append(s) or orig(self, s, J))
-    assert _engine_taken(model, x1, **kw)
+    assert engine_taken(model, x1, **kw)
     _matches(model, x1, x2, block_sizes=(None, 2), **kw)
     assert calls, "the gathered pool form was not used"
 
@@ -269,11 +253,11 @@ def test_float32_model_with_float64_kernel():
     model = _lenet(torch.float32)
     x1 = _with_ties(torch.randn(4, 1, 12, 12, dtype=D, generator=_gen(1)))
     x2 = torch.randn(2, 1, 12, 12, dtype=torch.float32, generator=_gen(2))
-    assert _engine_taken(model, x1, dtype=D)
+    assert engine_taken(model, x1, dtype=D)
     _matches(model, x1, x2, dtype=D)
     m = random_mask(model, 0.5, generator=1, include_bias=True, skip_first=False)
     apply_mask(model, m, rescale=True)
-    assert _engine_taken(model, x1, dtype=D)
+    assert engine_taken(model, x1, dtype=D)
     _matches(model, x1, x2, dtype=D)
     _matches(model, x1, x2, dtype=D, mask_mode="ntt")
 
@@ -293,7 +277,7 @@ def test_applied_and_explicit_masks_with_frozen_layers(apply, mask_mode):
     for n, p in model.named_parameters():
         if n.startswith(("3.", "7.")):
             p.requires_grad_(False)
-    assert _engine_taken(model, x1, **kw)
+    assert engine_taken(model, x1, **kw)
     _matches(model, x1, x2, **kw)
 
 
@@ -306,7 +290,7 @@ def test_nested_ordereddict_flatten_variants_and_layouts():
         ("head", nn.Sequential(OrderedDict([("l1", nn.Linear(8, 4)), ("t", nn.Tanh()), ("l2", nn.Linear(4, 2))])))])).to(D)
     x1 = _with_ties(torch.randn(4, 1, 12, 12, dtype=D, generator=_gen(1)))
     x2 = torch.randn(2, 1, 12, 12, dtype=D, generator=_gen(2))
-    assert _engine_taken(model, x1)
+    assert engine_taken(model, x1)
     _matches(model, x1, x2)
     _matches(model, x1, x2, mask=random_mask(model, 0.5, generator=3, include_bias=True, skip_first=False))
     # channels-last, strided and permuted inputs (im2col through as_strided on arbitrary strides)
@@ -316,7 +300,7 @@ def test_nested_ordereddict_flatten_variants_and_layouts():
           torch.randn(3, 3, 24, 24, dtype=D, generator=_gen(6))[:, :, ::2, 1::2],
           torch.randn(2, 12, 12, 3, dtype=D, generator=_gen(7)).permute(0, 3, 1, 2)]
     for x in xs:
-        assert _engine_taken(cnn, x)
+        assert engine_taken(cnn, x)
         _matches(cnn, x, xs[0])
 
 
@@ -347,7 +331,7 @@ def test_engine_leaves_model_and_inputs_untouched():
     x_before = x.clone()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
-    assert _engine_taken(model, x)
+    assert engine_taken(model, x)
     for mode in MODES:
         empirical_ntk(model, x, mode=mode, method="structured")
     assert torch.equal(x, x_before)

@@ -94,12 +94,6 @@ def masked_kernel(kernel_fn: KernelFn, x: torch.Tensor, width: int, density: flo
     return empirical_ntk(net, x)
 
 
-def masked_error(kernel_fn: KernelFn, x: torch.Tensor, limit: torch.Tensor, width: int, density: float,
-                 generator: torch.Generator, *, rescale: bool = True) -> float:
-    """r(Θ̂, limit) for one network of ``kernel_fn`` at ``width``, randomly masked (first layer dense)."""
-    return float(relative_frobenius(masked_kernel(kernel_fn, x, width, density, generator, rescale=rescale), limit))
-
-
 def _gen(seed: int, width: int, density: float, s: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + width * 7_919 + round(density * 65_536) * 101 + s)
 
