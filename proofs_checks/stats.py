@@ -55,6 +55,11 @@ def bias_z(widths, kernels, limit) -> float:
     :math:`O(1/n)` finite-width bias is small against :math:`s` at the widths the checks use.)
     """
     import torch
+    if len(widths) != len(kernels) or not len(widths):
+        raise ValueError(f"kernels: need one (seeds, ...) stack per width, got {len(kernels)} for {len(widths)} widths")
+    for i, k in enumerate(kernels):
+        if k.dim() < 1 or k.shape[0] < 2 or k.shape[1:] != limit.shape:
+            raise ValueError(f"kernels[{i}]: expected shape (seeds >= 2, *{tuple(limit.shape)}), got {tuple(k.shape)}")
     w = np.asarray(widths, float)
     w = w / w.sum()
     mean = sum(float(wi) * k.mean(0) for wi, k in zip(w, kernels))

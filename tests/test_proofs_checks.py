@@ -189,3 +189,15 @@ def test_bias_z_is_about_one_without_bias_and_grows_with_it():
     z0 = bias_z(widths, ks, limit)
     assert 0.5 < z0 < 1.6
     assert bias_z(widths, ks, limit + 0.05) > 3 * z0
+
+
+def test_bias_z_rejects_mismatched_inputs():
+    import torch
+    from proofs_checks.stats import bias_z
+    k = torch.zeros(4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="kernels"):
+        bias_z([64, 128], [k], torch.zeros(3))
+    with pytest.raises(ValueError, match=r"kernels\[0\]"):
+        bias_z([64], [k], torch.zeros(2))
+    with pytest.raises(ValueError, match=r"kernels\[0\]"):
+        bias_z([64], [k[:1]], torch.zeros(3))  # one seed: no standard error
