@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e ".[test,plot]"
-	# test-only reference attacks; its declared torchvision dependency does not import beside a CPU torch
-	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1
+	$(PY) -m pip install --quiet -e ".[test,plot,ray,slurm]"
+	# test-only reference attacks; their declared torchvision dependency does not import beside a CPU torch
+	$(PY) -m pip install --quiet --no-deps torchattacks==3.5.1 pyautoattack==0.2.0
 	touch $(STAMP)
 
 verify: install

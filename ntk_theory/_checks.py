@@ -21,6 +21,8 @@ __all__ = [
     "check_density",
     "check_choice",
     "check_int",
+    "check_device",
+    "as_generator",
 ]
 
 
@@ -140,3 +142,41 @@ def check_finite_number(value: Any, name: str, what: str = "a finite real number
     if not math.isfinite(v):
         raise ValueError(f"{name}: got {value!r}; expected {what}")
     return v
+
+
+def check_device(device: Any, name: str = "device") -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a ``torch.device``.
+
+    Raises ``ValueError`` naming the argument for an unknown device, and for a CUDA device on a
+    machine without CUDA (rather than torch's "not compiled with CUDA" assertion deep inside).
+    """
+    if device is None or (isinstance(device, str) and device == "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name}: got {device!r}; accepted values are 'auto', 'cpu', 'cuda', 'cuda:N' "
+                         f"or a torch.device") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name}: got {device!r}, but CUDA is not available on this machine; "
+                             f"use 'cpu' or 'auto'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name}: got {device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"{name}: got {device!r}; accepted values are 'auto', 'cpu', 'cuda', 'cuda:N'")
+    return dev
+
+
+def as_generator(generator: Any, name: str = "generator", device: Any = "cpu") -> torch.Generator | None:
+    """awt's one rule for randomness: an int seed or a ``torch.Generator`` (``None``: torch's global RNG).
+
+    An int seeds a fresh generator on ``device``; a generator is returned as it is.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
+        if generator < 0:
+            raise ValueError(f"{name}: got seed {generator}; a seed must be a non-negative integer")
+        return torch.Generator(device=torch.device(device)).manual_seed(int(generator))
+    raise TypeError(f"{name}: expected a torch.Generator, an int seed or None, got {type(generator).__name__}")

@@ -9,12 +9,13 @@ import json
 import os
 import stat
 import tempfile
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
+__all__ = ["Result", "to_jsonable", "atomic_write", "atomic_write_text", "atomic_write_json", "atomic_torch_save"]
 
 
 def _umask() -> int:
@@ -71,6 +72,36 @@ def _default(o: Any):
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_jsonable(o: Any) -> Any:
+    """Plain-Python (JSON-ready) form of ``o``: tensors and arrays become nested lists, results and
+    dataclasses dicts (through their ``to_dict``), mappings and sequences are converted element-wise."""
+    if o is None or isinstance(o, (bool, int, float, str)):
+        return o
+    if isinstance(o, dict):
+        return {str(k): to_jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [to_jsonable(v) for v in o]
+    if isinstance(o, (os.PathLike,)):
+        return os.fspath(o)
+    if isinstance(o, (torch.dtype, torch.device)):
+        return str(o)
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if is_dataclass(o) and not isinstance(o, type):
+        return {f.name: to_jsonable(getattr(o, f.name)) for f in fields(o)}
+    return to_jsonable(_default(o))
+
+
+@dataclass(frozen=True)
+class Result:
+    """Base of awt's result records: a frozen dataclass whose :meth:`to_dict` is its fields in
+    JSON-ready form (:func:`to_jsonable`). Subclasses declare fields only; a subclass that needs
+    another layout overrides :meth:`to_dict` and says why."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: to_jsonable(getattr(self, f.name)) for f in fields(self)}
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
