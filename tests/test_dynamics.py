@@ -1,6 +1,7 @@
 """Tests of ntk_theory.dynamics: closed-form linearised MSE dynamics (THEORY.md §B.4; C6, C11, C12)."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -22,7 +23,8 @@ from ntk_theory.dynamics import (
     linearize,
     loss_scale,
 )
-from ntk_theory.layers import finite_mlp
+from ntk_theory.layers import finite_cnn, finite_mlp
+from ntk_theory.masks import apply_mask, random_mask
 
 DT = torch.float64
 
@@ -566,3 +568,317 @@ def test_wide_network_tracks_its_linearisation():
     slope = np.polyfit(np.log(widths), np.log(gaps), 1)[0]
     assert gaps[0] > gaps[1] > gaps[2], gaps
     assert -1.2 < slope < -0.4, (gaps, slope)
+
+# --------------------------------------------------------------------------------------------- review regressions
+# Moved from the core review file; tests marked ``# Was:`` are regressions: each names a defect a
+# review found (fixed since) and fails if it comes back.
+D = torch.float64
+
+
+def _joint_psd_rv(n, m, p, seed, jitter=0.0):
+    """A PSD joint kernel on train ∪ test points: (K(X,X), K(x,X), K(x,x))."""
+    rng = np.random.default_rng(seed)
+    f = rng.standard_normal((n + m, p))
+    kj = f @ f.T / p + jitter * np.eye(n + m)
+    return kj[:n, :n], kj[n:, :n], kj[n:, n:]
+
+
+def _flow_reference_rv(k, kx, y, f0, f0x, tau):
+    """Flow in closed form through scipy.linalg.expm and a dense solve (nonsingular k)."""
+    e = scipy.linalg.expm(-k * tau)
+    r0 = f0 - y
+    return y + e @ r0, f0x - kx @ np.linalg.solve(k, (np.eye(len(k)) - e) @ r0)
+
+
+def _gd_loop_rv(k, kx, y, f0, f0x, a, steps):
+    """Explicit gradient descent f <- f - a Θ (f - Y) in float64."""
+    f, fx = f0.copy(), f0x.copy()
+    out = {}
+    for s in range(max(steps) + 1):
+        if s in steps:
+            out[s] = (f.copy(), fx.copy())
+        r = f - y
+        f, fx = f - a * k @ r, fx - a * kx @ r
+    return [out[s] for s in steps]
+
+
+def _mlp_rv(seed=0, sigma_b=0.1, width=12, out=3):
+    return finite_mlp(4, width, 2, out, sigma_b=sigma_b, generator=torch.Generator().manual_seed(seed))
+
+
+def _raw_name_rv(canonical):
+    prefix, _, tensor = canonical.rpartition(".")
+    return f"{prefix}.parametrizations.{tensor}.original" if prefix else f"parametrizations.{tensor}.original"
+
+
+@given(n=st.integers(1, 6), m=st.integers(1, 3), o=st.integers(1, 3), seed=st.integers(0, 10_000),
+       lr=st.floats(0.05, 5.0), norm=st.sampled_from(["size", "none"]))
+def test_flow_matches_scipy_expm(n, m, o, seed, lr, norm):
+    k, kx, _ = _joint_psd_rv(n, m, n + 3, seed, jitter=0.05)
+    rng = np.random.default_rng(seed + 1)
+    y, f0, f0x = rng.standard_normal((n, o)), rng.standard_normal((n, o)), rng.standard_normal((m, o))
+    ts = [0.0, 0.37, 4.0, 60.0]
+    res = gradient_flow_mse(torch.tensor(k), torch.tensor(y), ts, f0=torch.tensor(f0), k_test_train=torch.tensor(kx),
+                            f0_test=torch.tensor(f0x), lr=lr, normalization=norm)
+    c = n * o if norm == "size" else 1.0
+    for i, t in enumerate(ts):
+        tr, te = _flow_reference_rv(k, kx, y, f0, f0x, lr * t / c)
+        np.testing.assert_allclose(res.f_train[i].numpy(), tr, atol=1e-9)
+        np.testing.assert_allclose(res.f_test[i].numpy(), te, atol=1e-8)
+        np.testing.assert_allclose(float(res.loss_train[i]), 0.5 * ((tr - y) ** 2).sum() / c, rtol=1e-8, atol=1e-13)
+    # t = 0 is exactly the initialisation on the test points (phi(0) = 0)
+    assert torch.equal(res.f_test[0], torch.tensor(f0x))
+
+
+@pytest.mark.parametrize("a_lam", [0.3, 1.0, 1.7, 2.0])  # 2.0: lr = 2c/λ_max, the edge of stability
+def test_gd_matches_explicit_loop_up_to_the_stability_edge(a_lam):
+    n, m, o = 5, 3, 2
+    k, kx, _ = _joint_psd_rv(n, m, 9, 0, jitter=0.01)
+    rng = np.random.default_rng(1)
+    y, f0, f0x = rng.standard_normal((n, o)), rng.standard_normal((n, o)), rng.standard_normal((m, o))
+    c = n * o
+    lr = a_lam * c / np.linalg.eigvalsh(k).max()
+    steps = [0, 1, 2, 7, 40]
+    res = gradient_descent_mse(torch.tensor(k), torch.tensor(y), steps, f0=torch.tensor(f0),
+                               k_test_train=torch.tensor(kx), f0_test=torch.tensor(f0x), lr=lr)
+    for i, (tr, te) in enumerate(_gd_loop_rv(k, kx, y, f0, f0x, lr / c, steps)):
+        np.testing.assert_allclose(res.f_train[i].numpy(), tr, atol=1e-11)
+        np.testing.assert_allclose(res.f_test[i].numpy(), te, atol=1e-11)
+    np.testing.assert_allclose(res.tau.numpy(), np.array(steps) * lr / c)
+
+
+def test_gd_multi_output_kernel_matches_explicit_loop():
+    rng = np.random.default_rng(3)
+    n, m, o, p = 4, 2, 3, 10
+    feats = rng.standard_normal((n + m, o, p))
+    kj = np.einsum("iap,jbp->ijab", feats, feats) / p
+    k4, kx4 = kj[:n, :n], kj[n:, :n]
+    kf, kxf = k4.transpose(0, 2, 1, 3).reshape(n * o, n * o), kx4.transpose(0, 2, 1, 3).reshape(m * o, n * o)
+    y, f0, f0x = rng.standard_normal((n, o)), rng.standard_normal((n, o)), rng.standard_normal((m, o))
+    lr = 1.5 * n * o / np.linalg.eigvalsh(kf).max()
+    steps = [0, 3, 25]
+    res = gradient_descent_mse(torch.tensor(k4), torch.tensor(y), steps, f0=torch.tensor(f0),
+                               k_test_train=torch.tensor(kx4), f0_test=torch.tensor(f0x), lr=lr)
+    ref = _gd_loop_rv(kf, kxf, y.reshape(-1, 1), f0.reshape(-1, 1), f0x.reshape(-1, 1), lr / (n * o), steps)
+    for i, (tr, te) in enumerate(ref):
+        np.testing.assert_allclose(res.f_train[i].numpy(), tr.reshape(n, o), atol=1e-11)
+        np.testing.assert_allclose(res.f_test[i].numpy(), te.reshape(m, o), atol=1e-11)
+
+
+@given(seed=st.integers(0, 1000), tau=st.floats(0.1, 20.0))
+def test_gd_tends_to_flow_as_lr_goes_to_zero_with_lr_t_fixed(seed, tau):
+    n, m = 4, 2
+    k, kx, _ = _joint_psd_rv(n, m, 6, seed, jitter=0.02)
+    rng = np.random.default_rng(seed)
+    y, f0, f0x = (torch.tensor(rng.standard_normal(s)) for s in ((n,), (n,), (m,)))
+    kt, kxt = torch.tensor(k), torch.tensor(kx)
+    flow = gradient_flow_mse(kt, y, [tau], f0=f0, k_test_train=kxt, f0_test=f0x, normalization="none")
+    errs = []
+    for steps in (200, 2000):
+        gd = gradient_descent_mse(kt, y, [steps], f0=f0, k_test_train=kxt, f0_test=f0x, lr=tau / steps,
+                                  normalization="none")
+        errs.append(max(float((gd.f_train - flow.f_train).abs().max()), float((gd.f_test - flow.f_test).abs().max())))
+    scale = float((f0 - y).abs().max()) + 1.0
+    assert errs[1] <= 0.2 * errs[0] + 1e-12  # first order in lr: 10x smaller step, ~10x smaller error
+    assert errs[1] < 1e-2 * scale
+
+
+def test_t_inf_singular_kernels_with_and_without_diag_reg():
+    n, m = 6, 3
+    k, kx, _ = _joint_psd_rv(n, m, 2, 5)  # rank 2
+    rng = np.random.default_rng(5)
+    y, f0, f0x = rng.standard_normal((n, 2)), rng.standard_normal((n, 2)), rng.standard_normal((m, 2))
+    args = dict(f0=torch.tensor(f0), k_test_train=torch.tensor(kx), f0_test=torch.tensor(f0x), normalization="none")
+    # diag_reg > 0: Cholesky ridge limit, training residual fully decays
+    reg = 1e-3
+    r = gradient_flow_mse(torch.tensor(k), torch.tensor(y), [1e5, math.inf], diag_reg=reg, **args)
+    ridge = f0x - kx @ np.linalg.solve(k + reg * np.eye(n), f0 - y)
+    np.testing.assert_allclose(r.f_test[1].numpy(), ridge, atol=1e-9)
+    np.testing.assert_allclose(r.f_train[1].numpy(), y, atol=1e-12)
+    np.testing.assert_allclose(r.f_test[0].numpy(), r.f_test[1].numpy(), atol=1e-8)  # finite t -> limit
+    # finite t with diag_reg: the flow of Θ + reg·I (scipy reference)
+    r2 = gradient_flow_mse(torch.tensor(k), torch.tensor(y), [3.0], diag_reg=reg, **args)
+    tr, te = _flow_reference_rv(k + reg * np.eye(n), kx, y, f0, f0x, 3.0)
+    np.testing.assert_allclose(r2.f_train[0].numpy(), tr, atol=1e-9)
+    np.testing.assert_allclose(r2.f_test[0].numpy(), te, atol=1e-7)
+    # diag_reg = 0: pseudo-inverse limit, every output finite
+    r0 = gradient_flow_mse(torch.tensor(k), torch.tensor(y), [math.inf], **args)
+    pinv = np.linalg.pinv(k, rcond=1e-10)
+    np.testing.assert_allclose(r0.f_test[0].numpy(), f0x - kx @ pinv @ (f0 - y), atol=1e-8)
+    np.testing.assert_allclose(r0.f_train[0].numpy(), y + (np.eye(n) - k @ pinv) @ (f0 - y), atol=1e-8)
+
+
+def test_single_point_closed_form():
+    k, kx = torch.tensor([[2.0]], dtype=D), torch.tensor([[0.5]], dtype=D)
+    y, f0, f0x = torch.tensor([1.0], dtype=D), torch.tensor([-1.0], dtype=D), torch.tensor([0.25], dtype=D)
+    ts = [0.0, 0.7, math.inf]
+    res = gradient_flow_mse(k, y, ts, f0=f0, k_test_train=kx, f0_test=f0x, normalization="none", lr=1.3)
+    for i, t in enumerate(ts):
+        e = 0.0 if math.isinf(t) else math.exp(-2.0 * 1.3 * t)
+        assert float(res.f_train[i]) == pytest.approx(1.0 + e * (-2.0), abs=1e-14)
+        assert float(res.f_test[i]) == pytest.approx(0.25 - 0.5 / 2.0 * (1 - e) * (-2.0), abs=1e-14)
+    gd = gradient_descent_mse(k, y, [0, 1, 5], f0=f0, normalization="none", lr=0.3)
+    np.testing.assert_allclose(gd.f_train.numpy().ravel(), [1 - 2 * 0.4 ** s for s in (0, 1, 5)], atol=1e-14)
+
+
+def test_float32_inputs_float32_outputs_close_to_float64():
+    k, kx, _ = _joint_psd_rv(5, 2, 8, 9, jitter=0.1)
+    y = np.random.default_rng(9).standard_normal((5, 2))
+    r64 = gradient_flow_mse(torch.tensor(k), torch.tensor(y), [0.5, 3.0, math.inf], k_test_train=torch.tensor(kx))
+    r32 = gradient_flow_mse(torch.tensor(k).float(), torch.tensor(y).float(), [0.5, 3.0, math.inf],
+                            k_test_train=torch.tensor(kx).float())
+    assert r32.f_train.dtype == torch.float32 and r32.f_test.dtype == torch.float32
+    torch.testing.assert_close(r32.f_test.double(), r64.f_test, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamics_do_not_mutate_inputs():
+    k, kx, kxx = _joint_psd_rv(4, 2, 6, 1, jitter=0.1)
+    rng = np.random.default_rng(1)
+    ins = dict(k=torch.tensor(k), y=torch.tensor(rng.standard_normal(4)), f0=torch.tensor(rng.standard_normal(4)),
+               kx=torch.tensor(kx), f0x=torch.tensor(rng.standard_normal(2)), t=torch.tensor([0.0, 1.0, math.inf]))
+    before = {key: v.clone() for key, v in ins.items()}
+    res = gradient_flow_mse(ins["k"], ins["y"], ins["t"], f0=ins["f0"], k_test_train=ins["kx"], f0_test=ins["f0x"],
+                            diag_reg=0.1)
+    gradient_descent_mse(ins["k"], ins["y"], [0, 3], f0=ins["f0"], k_test_train=ins["kx"], f0_test=ins["f0x"])
+    infinite_width_moments(ins["k"], ins["k"], ins["y"], ins["t"], nngp_test_train=ins["kx"], ntk_test_train=ins["kx"],
+                           nngp_test=torch.tensor(kxx))
+    expm_gap(ins["k"], 2 * ins["k"], ins["t"])
+    for key, v in ins.items():
+        assert torch.equal(v, before[key]), key
+    # results do not alias the caller's targets
+    res.f_train[0].add_(100.0)
+    assert torch.equal(ins["y"], before["y"]) and torch.equal(ins["f0"], before["f0"])
+
+
+def test_moments_multi_output_targets_and_singular_ntk_at_inf():
+    k, _, _ = _joint_psd_rv(5, 1, 9, 2, jitter=0.1)
+    th, _, _ = _joint_psd_rv(5, 1, 2, 3)  # rank-2 NTK
+    y = np.random.default_rng(2).standard_normal((5, 3))
+    mom = infinite_width_moments(torch.tensor(k), torch.tensor(th), torch.tensor(y), [2.0, math.inf],
+                                 normalization="none")
+    assert mom.mean.shape == (2, 5, 3) and mom.cov.shape == (2, 5, 5)
+    e = scipy.linalg.expm(-th * 2.0)
+    np.testing.assert_allclose(mom.mean[0].numpy(), (np.eye(5) - e) @ y, atol=1e-10)
+    np.testing.assert_allclose(mom.cov[0].numpy(), e @ k @ e, atol=1e-10)
+    p = th @ np.linalg.pinv(th, rcond=1e-10)  # projector onto range(Θ)
+    np.testing.assert_allclose(mom.mean[1].numpy(), p @ y, atol=1e-8)
+    np.testing.assert_allclose(mom.cov[1].numpy(), (np.eye(5) - p) @ k @ (np.eye(5) - p), atol=1e-8)
+    assert torch.isfinite(mom.cov).all()
+
+
+def test_integer_kernel_and_targets_give_real_outputs():
+    # Was: with integer k_train and y the outputs are cast back to int64: the flow values are silently truncated
+    k = torch.eye(2, dtype=torch.long) * 3
+    y = torch.tensor([1, 2])
+    ref = gradient_flow_mse(k.double(), y.double(), [0.5])
+    res = gradient_flow_mse(k, y, [0.5])
+    assert res.f_train.is_floating_point()
+    torch.testing.assert_close(res.f_train.double(), ref.f_train)
+
+
+def test_complex_inputs_are_rejected():
+    # Was: complex kernels/times are accepted; the imaginary part is dropped (only a UserWarning) and
+    # a complex128 "result" is returned, or t = 1j silently becomes t = 0
+    with pytest.raises((TypeError, ValueError), match="k_train"):
+        gradient_flow_mse(torch.eye(2, dtype=torch.complex128), torch.ones(2, dtype=D), 1.0)
+    with pytest.raises((TypeError, ValueError), match="t"):
+        gradient_flow_mse(torch.eye(2, dtype=D), torch.ones(2, dtype=D), [1j])
+
+
+@pytest.mark.parametrize("k, y, arg", [
+    (torch.zeros(0, 0, dtype=D), torch.zeros(0, dtype=D), "k_train|y"),  # no training point
+    (torch.eye(2, dtype=D), torch.zeros(2, 0, dtype=D), "y"),  # no output
+])
+def test_empty_training_sets_raise_value_error(k, y, arg):
+    # Was: an empty training set crashes with RuntimeError (reshape) or ZeroDivisionError (c = 0) instead of ValueError
+    with pytest.raises(ValueError, match=arg):
+        gradient_flow_mse(k, y, [1.0])
+
+
+# --------------------------------------------------------------------------------------------- expm_gap / C6
+def _psd_pair(n, seed, rank_a, rank_b, same_null=False):
+    rng = np.random.default_rng(seed)
+    fa = rng.standard_normal((n, rank_a))
+    fb = fa + 0.3 * rng.standard_normal((n, rank_a)) if same_null else rng.standard_normal((n, rank_b))
+    return fa @ fa.T, fb @ fb.T
+
+
+@given(n=st.integers(1, 5), seed=st.integers(0, 10_000), ra=st.integers(1, 5), rb=st.integers(1, 5))
+def test_expm_gap_matches_scipy_and_stays_below_bound(n, seed, ra, rb):
+    a, b = _psd_pair(n, seed, ra, rb)
+    taus = [0.0, 0.01, 0.3, 2.0, 15.0]
+    gap = expm_gap(torch.tensor(a), torch.tensor(b), taus)
+    bound = expm_gap_bound(torch.tensor(a), torch.tensor(b), taus)
+    sup = expm_gap_bound(torch.tensor(a), torch.tensor(b))
+    for i, tau in enumerate(taus):
+        ref = np.linalg.norm(scipy.linalg.expm(-a * tau) - scipy.linalg.expm(-b * tau), 2)
+        np.testing.assert_allclose(float(gap[i]), ref, rtol=1e-8, atol=1e-10)
+    assert bool((gap <= bound * (1 + 1e-9) + 1e-10).all())
+    assert float(gap.max()) <= float(sup) * (1 + 1e-9) + 1e-10
+
+
+def test_expm_gap_at_inf_singular_kernels_is_the_null_projector_gap():
+    # Was: at tau = inf the null space is taken as {λ == 0 exactly}; eigenvalues of a rank-1 kernel that come out
+    # as +1e-16 from roundoff are treated as decaying, so the τ = inf value jumps away from the large-τ limit
+    # ||P_null(A) - P_null(B)||_2 = sin∠(v, w) (here 0.8435 expected, 1.0 returned)
+    v = torch.tensor([-2.0, 5.0, 1.0], dtype=D)
+    w = torch.tensor([1.0, 4.0, -3.0], dtype=D)
+    a, b = torch.outer(v, v), torch.outer(w, w)
+    cos = float(v @ w / (v.norm() * w.norm()))
+    want = math.sqrt(1 - cos ** 2)
+    big = float(expm_gap(a, b, [1e8])[0])
+    assert big == pytest.approx(want, abs=1e-6)  # the large-τ value is right
+    assert float(expm_gap(a, b, [math.inf])[0]) == pytest.approx(want, abs=1e-6)
+
+
+def test_expm_gap_rejects_bad_input():
+    a = torch.eye(2, dtype=D)
+    with pytest.raises(ValueError, match="tau"):
+        expm_gap(a, a, [-1.0])
+    with pytest.raises(ValueError, match="tau"):
+        expm_gap_bound(a, a, [math.nan])
+    with pytest.raises(ValueError, match="a"):
+        expm_gap(torch.diag(torch.tensor([1.0, -1.0], dtype=D)), a, [1.0])
+    with pytest.raises(ValueError, match="b"):
+        expm_gap_bound(a, torch.tensor([[1.0, 2.0], [0.0, 1.0]], dtype=D))
+
+
+# --------------------------------------------------------------------------------------------- linearize
+def test_linearized_cnn_matches_torch_func_jacobian_and_trains_like_closed_form():
+    g = torch.Generator().manual_seed(4)
+    model = finite_cnn(1, 3, 1, (4, 4), 2, sigma_b=0.2, generator=g)
+    x = torch.randn(3, 1, 4, 4, generator=g, dtype=D)
+    lin = linearize(model)
+    params0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    jac = jacrev(lambda p: functional_call(model, p, (x,)))(params0)
+    deltas = {k: 0.1 * torch.randn(v.shape, generator=g, dtype=D) for k, v in params0.items()}
+    with torch.no_grad():
+        for k, p in lin.named_linear_parameters().items():
+            p.add_(deltas[k])
+    ref = model(x).detach() + sum((jac[k].flatten(2) * deltas[k].flatten()).sum(-1) for k in deltas)
+    torch.testing.assert_close(lin(x), ref, rtol=1e-12, atol=1e-12)
+    for k, v in model.named_parameters():
+        assert torch.equal(v, params0[k])
+
+
+def test_linearized_masked_model_respects_the_mask_and_round_trips():
+    model = _mlp_rv(1)
+    m = random_mask(model, 0.4, generator=2)
+    apply_mask(model, m, rescale=True)
+    x = torch.randn(5, 4, dtype=D, generator=torch.Generator().manual_seed(0))
+    lin = linearize(model)
+    torch.testing.assert_close(lin(x), model(x), rtol=1e-13, atol=1e-13)
+    lin(x).pow(2).sum().backward()
+    named = lin.named_linear_parameters()
+    for k, mk in m.items():
+        assert bool((named[_raw_name_rv(k)].grad[~mk] == 0).all())
+    twin = linearize(apply_mask(_mlp_rv(7), m, rescale=True))
+    twin.load_state_dict(copy.deepcopy(lin).state_dict())
+    torch.testing.assert_close(twin(x), lin(x))
+
+
+def test_linearize_rejects_non_finite_params0():
+    # Was: params0 is checked for names and shapes but not finiteness; NaN/inf θ_0 give NaN outputs silently
+    model = _mlp_rv(0)
+    with pytest.raises(ValueError, match="params0"):
+        linearize(model, {"0.weight": torch.full((12, 4), math.nan, dtype=D)})

@@ -11,9 +11,17 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ntk_theory.layers import finite_cnn, finite_mlp
-from ntk_theory.masks import (MaskParametrization, apply_mask, canonical_name, mask_density, random_mask,
-                              remove_mask, validate_mask)
+from ntk_theory.layers import NTKLinear, finite_cnn, finite_mlp
+from ntk_theory.masks import (
+    MaskParametrization,
+    apply_mask,
+    canonical_name,
+    get_mask,
+    mask_density,
+    random_mask,
+    remove_mask,
+    validate_mask,
+)
 
 D = torch.float64
 
@@ -196,3 +204,181 @@ def test_masks_on_cnn_and_parametrization_module():
     theta = torch.full((3,), float("nan"))
     assert torch.equal(MaskParametrization(torch.tensor([True, False, True]))(theta).isnan(),
                        torch.tensor([True, False, True]))
+
+# --------------------------------------------------------------------------------------------- review regressions
+# Moved from the core review file; tests marked ``# Was:`` are regressions: each names a defect a
+# review found (fixed since) and fails if it comes back.
+def _mlp_rv(seed=0, sigma_b=0.1, width=12, out=3):
+    return finite_mlp(4, width, 2, out, sigma_b=sigma_b, generator=torch.Generator().manual_seed(seed))
+
+
+def _raw_name_rv(canonical):
+    prefix, _, tensor = canonical.rpartition(".")
+    return f"{prefix}.parametrizations.{tensor}.original" if prefix else f"parametrizations.{tensor}.original"
+
+
+@given(q=st.floats(0.01, 1.0), seed=st.integers(0, 1000), include_bias=st.booleans(), skip_first=st.booleans())
+def test_random_mask_exact_layerwise_density_and_skip_first(q, seed, include_bias, skip_first):
+    model = finite_cnn(2, 3, 2, (4, 4), 2, sigma_b=0.1, generator=torch.Generator().manual_seed(0))
+    m = random_mask(model, q, generator=seed, include_bias=include_bias, skip_first=skip_first)
+    params = dict(model.named_parameters())
+    expected = {"0.weight", "0.bias", "2.weight", "2.bias", "5.weight", "5.bias"}
+    if skip_first:
+        expected -= {"0.weight", "0.bias"}
+    if not include_bias:
+        expected = {k for k in expected if k.endswith("weight")}
+    assert set(m) == expected
+    for k, v in m.items():
+        assert v.dtype == torch.bool and v.shape == params[k].shape
+        assert int(v.sum()) == min(v.numel(), max(1, round(q * v.numel())))
+
+
+def test_random_mask_does_not_touch_model_or_global_rng():
+    model = _mlp_rv()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(123)
+    ref = torch.rand(3)
+    torch.manual_seed(123)
+    random_mask(model, 0.3, generator=5, layerwise=False)
+    assert torch.equal(torch.rand(3), ref)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("rescale", [False, True])
+def test_apply_mask_rescale_is_exactly_inverse_sqrt_q_and_remove_restores(rescale):
+    model = finite_cnn(1, 4, 2, (5, 5), 2, sigma_b=0.3, generator=torch.Generator().manual_seed(1))
+    m = random_mask(model, 0.3, generator=0, include_bias=True)
+    m["0.weight"] = torch.ones_like(model[0].weight, dtype=torch.bool)  # an all-True layer
+    objs = {k: p for k, p in model.named_parameters()}
+    vals = {k: p.detach().clone() for k, p in model.named_parameters()}
+    names = [k for k, _ in model.named_parameters()]
+    user_mask = {k: v.clone() for k, v in m.items()}
+    apply_mask(model, m, rescale=rescale)
+    for k, mk in m.items():
+        prefix, _, t = k.rpartition(".")
+        eff = getattr(model.get_submodule(prefix), t)
+        q = int(mk.sum()) / mk.numel()
+        s = 1.0 / math.sqrt(q) if rescale else 1.0
+        assert torch.equal(eff, torch.where(mk, vals[k], 0.0) * s if s != 1.0 else torch.where(mk, vals[k], 0.0))
+        mask_k, scale_k = get_mask(model.get_submodule(prefix), t)
+        assert scale_k == s and torch.equal(mask_k, mk)
+    assert all(torch.equal(m[k], user_mask[k]) for k in m)  # caller's mask not mutated
+    removed = remove_mask(model)
+    assert sorted(k for k, _ in model.named_parameters()) == sorted(names)
+    for k, p in model.named_parameters():
+        assert p is objs[k] and torch.equal(p, vals[k])
+    assert set(removed) == set(m)
+
+
+def test_training_masked_model_never_moves_pruned_weights():
+    model = _mlp_rv(2)
+    x = torch.randn(8, 4, dtype=D, generator=torch.Generator().manual_seed(1))
+    m = random_mask(model, 0.25, generator=3, include_bias=True)
+    apply_mask(model, m, rescale=True)
+    raw0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    for opt in (torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True),
+                torch.optim.Adam(model.parameters(), lr=1e-2)):
+        for _ in range(5):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    raw = dict(model.named_parameters())
+    for k, mk in m.items():
+        rk = _raw_name_rv(k)
+        assert torch.equal(raw[rk][~mk], raw0[rk][~mk])  # raw pruned values untouched
+        prefix, _, t = k.rpartition(".")
+        assert bool((getattr(model.get_submodule(prefix), t)[~mk] == 0).all())
+        assert not torch.equal(raw[rk][mk], raw0[rk][mk])  # kept ones did train
+
+
+def test_apply_mask_twice_deepcopy_and_state_dict_round_trip():
+    model = _mlp_rv(3)
+    x = torch.randn(4, 4, dtype=D, generator=torch.Generator().manual_seed(2))
+    apply_mask(model, random_mask(model, 0.5, generator=0), rescale=True)
+    m2 = random_mask(model, 0.2, generator=1)
+    apply_mask(model, m2, rescale=True)
+    assert all(len(model.get_submodule(k.rpartition(".")[0]).parametrizations.weight) == 1 for k in m2)
+    twin = copy.deepcopy(model)
+    torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+    with torch.no_grad():
+        twin[2].parametrizations.weight.original.add_(1.0)
+    assert not torch.equal(twin(x), model(x))  # deep copy does not share storage
+    fresh = apply_mask(_mlp_rv(9), m2, rescale=True)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("action", ["remove_mask", "apply_mask"])
+def test_unmasking_a_deepcopy_leaves_the_original_working(action):
+    # Was: torch's parametrize deepcopy shares the injected class (ParametrizedNTKLinear) between original and
+    # copy; remove_parametrizations then deletes the `weight` property from that shared class, so remove_mask
+    # (or apply_mask replacing a mask) on a deepcopy breaks the original: AttributeError '... has no attribute weight'
+    model = _mlp_rv(3)
+    x = torch.randn(4, 4, dtype=D, generator=torch.Generator().manual_seed(2))
+    apply_mask(model, random_mask(model, 0.5, generator=0), rescale=True)
+    want = model(x).detach()
+    twin = copy.deepcopy(model)
+    if action == "remove_mask":
+        remove_mask(twin)
+    else:
+        apply_mask(twin, random_mask(twin, 0.2, generator=1))
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+    assert get_mask(model[2], "weight") is not None
+
+
+def test_remove_mask_restores_parameter_order():
+    # Was: remove_parametrizations re-registers `weight` after `bias`, so after apply_mask + remove_mask the
+    # order of model.parameters() changes ('0.bias' before '0.weight'): flat parameter vectors
+    # (parameters_to_vector) and index-keyed optimizer state no longer line up with the original model
+    model = finite_cnn(1, 4, 2, (5, 5), 2, sigma_b=0.3, generator=torch.Generator().manual_seed(1))
+    names = [k for k, _ in model.named_parameters()]
+    vec = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
+    apply_mask(model, random_mask(model, 0.3, generator=0))  # weights of layers 2 and 5
+    remove_mask(model)
+    assert [k for k, _ in model.named_parameters()] == names
+    assert torch.equal(torch.nn.utils.parameters_to_vector(model.parameters()), vec)
+
+
+def test_apply_mask_is_atomic_when_it_refuses():
+    # Was: apply_mask validates per tensor while registering; when a later tensor carries a foreign
+    # parametrisation it raises after earlier tensors were already masked, leaving the caller's model half-masked
+    model = _mlp_rv(4)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(model[4], "weight", Double())
+    m = random_mask(model, 0.5, generator=0)
+    assert list(m) == ["2.weight", "4.weight"]
+    with pytest.raises(ValueError, match="parametrization"):
+        apply_mask(model, m)
+    assert not parametrize.is_parametrized(model[2], "weight")
+
+
+@pytest.mark.parametrize("bad", [
+    {"2.weight": torch.ones(12, 12, dtype=torch.bool), "2.parametrizations.weight.original":
+        torch.ones(12, 12, dtype=torch.bool)},  # given twice
+    {"2.bias": torch.ones(12, dtype=torch.uint8)},
+    {"0.weight": torch.zeros(12, 4, dtype=torch.bool)},  # keeps nothing at all
+    {"2.weight": torch.ones(12, 12, 1, dtype=torch.bool)},
+    {"running_mean": torch.ones(3, dtype=torch.bool)},
+])
+def test_validate_mask_rejects_mismatched_masks(bad):
+    with pytest.raises(ValueError, match="mask"):
+        validate_mask(_mlp_rv(), bad)
+    with pytest.raises(ValueError, match="mask"):
+        apply_mask(_mlp_rv(), bad)
+
+
+def test_random_mask_density_validation():
+    model = _mlp_rv()
+    for q in (0.0, -0.1, 1.0 + 1e-12, math.nan, math.inf):
+        with pytest.raises(ValueError, match="density"):
+            random_mask(model, q, generator=0)
+    with pytest.raises(TypeError, match="density"):
+        random_mask(model, True, generator=0)
+    assert mask_density(random_mask(model, 1.0, generator=0)) == 1.0
+    with pytest.raises(TypeError, match="model"):
+        apply_mask({"a": 1}, {})
+    assert isinstance(model[0], NTKLinear) and MaskParametrization(torch.ones(2, dtype=torch.bool)).scale == 1.0

@@ -191,3 +191,97 @@ def test_validation(fn, args, arg):
         kw = {}
     with pytest.raises(ValueError, match=arg):
         fn(*args, **kw)
+
+# --------------------------------------------------------------------------------------------- review regressions
+# Moved from the core review file; tests marked ``# Was:`` are regressions: each names a defect a
+# review found (fixed since) and fails if it comes back.
+D = torch.float64
+
+
+def _np_cos(a, b):
+    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _np_cka4(k1, k2):
+    n, _, o, _ = k1.shape
+    h = np.kron(np.eye(n) - np.ones((n, n)) / n, np.eye(o))
+    m1, m2 = (k.transpose(0, 2, 1, 3).reshape(n * o, n * o) for k in (k1, k2))
+    return _np_cos(h @ m1 @ h, h @ m2 @ h)
+
+
+psd_specs = st.tuples(st.integers(2, 6), st.integers(1, 3), st.integers(1, 8), st.integers(0, 10_000))
+
+
+@given(psd_specs, st.floats(1e-4, 1e4), st.floats(1e-4, 1e4))
+def test_cka_and_kernel_distance_properties_multi_output(spec, s1, s2):
+    n, o, p, seed = spec
+    rng = np.random.default_rng(seed)
+    f1, f2 = rng.standard_normal((n, o, p)), rng.standard_normal((n, o, p + 1))
+    k1, k2 = (np.einsum("iap,jbp->ijab", f, f) / f.shape[-1] for f in (f1, f2))
+    t1, t2 = torch.tensor(k1), torch.tensor(k2)
+    c = float(cka(t1, t2))
+    assert -1e-12 <= c <= 1 + 1e-12
+    np.testing.assert_allclose(c, _np_cka4(k1, k2), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(float(cka(s1 * t1, s2 * t2)), c, rtol=1e-8, atol=1e-12)
+    d = float(kernel_distance(t1, t2))
+    assert -1e-12 <= d <= 1 + 1e-12
+    np.testing.assert_allclose(d, float(kernel_distance(t2, t1)), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(d, 1 - _np_cos(k1, k2), rtol=1e-9, atol=1e-12)
+    assert abs(float(kernel_distance(t1, s1 * t1))) < 1e-12
+    assert abs(float(kernel_distance(s1 * t2, s2 * t2))) < 1e-12
+    np.testing.assert_allclose(float(kernel_alignment(t1, t2)), 1 - d, rtol=1e-12, atol=1e-15)
+
+
+def test_metrics_do_not_mutate_and_are_differentiable():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((5, 3))
+    a = torch.tensor(f @ f.T, requires_grad=True)
+    b = torch.tensor(f[:, :2] @ f[:, :2].T)
+    a0, b0 = a.detach().clone(), b.clone()
+    loss = kernel_distance(a, b) + cka(a, b) + relative_frobenius(a, b) + operator_norm_distance(a, b)
+    loss.backward()
+    assert torch.isfinite(a.grad).all()
+    top_eigen_mass(b, 2), condition_number(b), trajectory_distance(b[None], b0[None])
+    assert torch.equal(a.detach(), a0) and torch.equal(b, b0)
+
+
+def test_condition_number_and_top_eigen_mass_against_numpy_multi_output():
+    rng = np.random.default_rng(8)
+    f = rng.standard_normal((4, 2, 9))
+    k4 = np.einsum("iap,jbp->ijab", f, f) / 9
+    m = k4.transpose(0, 2, 1, 3).reshape(8, 8)
+    np.testing.assert_allclose(float(condition_number(torch.tensor(k4))), np.linalg.cond(m), rtol=1e-8)
+    lam2 = np.sort(np.linalg.eigvalsh(m) ** 2)[::-1]
+    np.testing.assert_allclose(float(top_eigen_mass(torch.tensor(k4), 3)), lam2[:3].sum() / lam2.sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale, dtype", [(1e20, torch.float32), (1e-25, torch.float32), (1e160, D)])
+def test_scale_invariant_metrics_survive_large_and_small_magnitudes(scale, dtype):
+    # Was: norms are computed as sqrt(sum(x^2)) with no rescaling: a float32 kernel with entries ~1e20 gives
+    # kernel_distance = 1 (and cka = 0, top_eigen_mass = NaN) instead of the scale-free value; entries ~1e-25
+    # raise "zero norm" on a non-zero kernel. The docstrings promise invariance to positive rescaling.
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    k1, k2 = torch.tensor(f1 @ f1.T), torch.tensor(f2 @ f2.T)
+    s1, s2 = (scale * k1).to(dtype), k2.to(dtype)
+    tol = dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(kernel_distance(s1, s2).double(), kernel_distance(k1, k2), **tol)
+    torch.testing.assert_close(cka(s1, s2).double(), cka(k1, k2), **tol)
+    torch.testing.assert_close(relative_frobenius(s1, (scale * k2).to(dtype)).double(), relative_frobenius(k1, k2),
+                               **tol)
+    torch.testing.assert_close(top_eigen_mass(s1, 1).double(), top_eigen_mass(k1, 1), **tol)
+
+
+@pytest.mark.parametrize("fn, args, arg", [
+    (kernel_distance, (torch.ones(2, 2, 2, 2), torch.ones(2, 2, 3, 3)), "k2"),
+    (cka, (torch.ones(1, 1), torch.ones(1, 1)), "k1"),  # single point: centred kernel is zero
+    (cka, (torch.eye(2), torch.tensor([[1.0, math.inf], [0.0, 1.0]])), "k2"),
+    (top_eigen_mass, (torch.eye(3), True), "k"),
+    (condition_number, (torch.ones(2, 2, 1, 2),), "kernel"),
+    (trajectory_distance, (torch.tensor(1.0), torch.tensor(1.0)), "traj1"),
+    (trajectory_distance, (torch.ones(2, 2), torch.tensor([[1.0, math.nan], [0.0, 0.0]])), "traj2"),
+    (relative_frobenius, (torch.ones(2), torch.zeros(2)), "b"),
+])
+def test_metric_validation(fn, args, arg):
+    with pytest.raises((ValueError, TypeError), match=arg):
+        fn(*args)
