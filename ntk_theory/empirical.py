@@ -29,7 +29,7 @@ three ways that agree to float64 round-off:
     records every layer input ``h``; a backward pass per output (batched over the
     ``O`` cotangents with vmap, or a plain loop for convolutional models) gives every
     ``δ``. A plain ``nn.Sequential`` of ``Linear``/``Conv2d`` (NTK subclasses and awt
-    masks included), ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``Erf``, ``Identity``,
+    masks included), ``ReLU``, ``LeakyReLU``, ``Tanh``, ``Sigmoid``, ``ErfActivation``, ``Identity``,
     ``Flatten`` and ``MaxPool2d`` is traced without autograd instead: the convolutions
     are GEMMs on the im2col patches that the Jacobians need anyway, and the ``O``
     cotangents go down as one batch of ``O N`` (``δ ← δ W``, the convolution's input
@@ -82,8 +82,9 @@ from torch.nn.utils import parametrize
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ._checks import as_tensor, check_choice, check_finite, check_int
-from .layers import Erf, NTKConv2d, NTKLinear
-from .masks import canonical_name, get_mask, validate_mask
+from .layers import ErfActivation, NTKConv2d, NTKLinear
+from .masks import (canonical_name, get_mask, mask_buffer_name, masked_value, raw_name, split_name, validate_mask,
+                    validate_params)
 
 __all__ = ["empirical_ntk", "MODES", "METHODS", "MASK_MODES"]
 
@@ -147,7 +148,7 @@ def _mask_info(model: nn.Module, raw: str):
     name = canonical_name(raw)
     if name == raw:
         return None
-    prefix, _, tensor = name.rpartition(".")
+    prefix, tensor = split_name(name)
     module = model.get_submodule(prefix) if prefix else model
     try:
         info = get_mask(module, tensor)
@@ -155,8 +156,7 @@ def _mask_info(model: nn.Module, raw: str):
         return None
     if info is None:
         return None
-    buf = (f"{prefix}." if prefix else "") + f"parametrizations.{tensor}.0.mask"
-    return info[0], info[1], buf
+    return info[0], info[1], mask_buffer_name(name)
 
 
 def _prepare(model, params, mask, mask_mode, dtype) -> _Problem:
@@ -175,19 +175,7 @@ def _prepare(model, params, mask, mask_mode, dtype) -> _Problem:
     if params is None:
         values = {r: p for r, p in named.items() if p.requires_grad}
     else:
-        if not isinstance(params, Mapping):
-            raise TypeError(f"params: expected a dict of parameter name -> tensor, got {type(params).__name__}")
-        values = {}
-        for k, v in params.items():
-            r = k if k in named else canon_to_raw.get(k)
-            if r is None:
-                raise ValueError(f"params: key {k!r} is not a parameter of the model")
-            if not isinstance(v, torch.Tensor):
-                raise TypeError(f"params: entry {k!r} must be a tensor, got {type(v).__name__}")
-            if v.shape != named[r].shape:
-                raise ValueError(f"params: entry {k!r} has shape {tuple(v.shape)}, "
-                                 f"the model's parameter has shape {tuple(named[r].shape)}")
-            values[r] = v
+        values = validate_params(model, params, "params")
     if not values:
         raise ValueError("params: no parameter to differentiate (the model has no trainable parameter)")
     first = next(iter(values.values()))
@@ -220,7 +208,7 @@ def _prepare(model, params, mask, mask_mode, dtype) -> _Problem:
         t = cast(p)
         keep = keep_of(r) if ntt else marg.get(r)
         if keep is not None:  # forward at the masked point m ⊙ θ
-            t = torch.where(keep, t, t.new_zeros(()))
+            t = masked_value(t, keep)
         fixed[r] = t
     for b, buf in model.named_buffers():
         if buf.is_floating_point() and buf.dtype != dtype:
@@ -235,7 +223,7 @@ def _prepare(model, params, mask, mask_mode, dtype) -> _Problem:
         scale = pinfo[r][1] if r in pinfo else 1.0
         keep = keep_of(r)
         if ntt:
-            diff[r] = t if keep is None else torch.where(keep, t, t.new_zeros(()))
+            diff[r] = t if keep is None else masked_value(t, keep)
             sq[r] = scale * scale
         else:
             diff[r] = t
@@ -353,9 +341,9 @@ def _structured_layers(prob: _Problem) -> list[_Layer]:
     layers: dict[str, _Layer] = {}
     for raw in prob.diff:
         name = canonical_name(raw)
-        prefix, _, tensor = name.rpartition(".")
+        prefix, tensor = split_name(name)
         module = model.get_submodule(prefix) if prefix else model
-        where = f"parameter {canonical_name(raw)!r}"
+        where = f"parameter {name!r}"
         if not _runs_forward(module):
             raise _Unsupported(f"{where} belongs to a module whose call does not run its class's forward")
         if isinstance(module, nn.Linear) and type(module).forward in _LINEAR_FORWARDS:
@@ -764,7 +752,7 @@ def _jac_coef(sq_w, sq_b, C: int, hl: torch.Tensor):
 
 # The sequential engine: plain nn.Sequential models of the modules below are traced without autograd.
 _ACT_FORWARDS = {nn.ReLU.forward: "relu", nn.LeakyReLU.forward: "leaky_relu", nn.Tanh.forward: "tanh",
-                 nn.Sigmoid.forward: "sigmoid", Erf.forward: "erf", nn.Identity.forward: "identity"}
+                 nn.Sigmoid.forward: "sigmoid", ErfActivation.forward: "erf", nn.Identity.forward: "identity"}
 
 
 def _no_global_hooks() -> bool:
@@ -880,11 +868,10 @@ def _trace_sequential(prob: _Problem, layers: list[_Layer], x: torch.Tensor) -> 
 
     def effective(name: str, m: nn.Module, t: str) -> torch.Tensor | None:
         if parametrize.is_parametrized(m, t):
-            raw = f"{name}.parametrizations.{t}.original"
+            canon = f"{name}.{t}" if name else t
             mask, scale = get_mask(m, t)
-            keep = prob.fixed.get(f"{name}.parametrizations.{t}.0.mask", mask)
-            w = torch.where(keep, value(raw), value(raw).new_zeros(()))
-            return w * scale if scale != 1.0 else w
+            keep = prob.fixed.get(mask_buffer_name(canon), mask)
+            return masked_value(value(raw_name(canon)), keep, scale)
         own = getattr(m, t)
         if own is None:
             return None

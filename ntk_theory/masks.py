@@ -12,6 +12,14 @@ Names are the *canonical* parameter names, i.e. those of
 :func:`ntk_theory.empirical.empirical_ntk`) accepts both spellings and reports
 canonical names. :func:`canonical_name` maps one to the other.
 
+Names and the masked value are owned here, for every module that reads a masked model:
+:func:`split_name` (``"a.b.weight"`` -> ``("a.b", "weight")``), :func:`raw_name` (canonical ->
+``"a.b.parametrizations.weight.original"``), :func:`mask_buffer_name` (canonical -> the mask
+buffer ``"a.b.parametrizations.weight.0.mask"``, the name in ``state_dict`` and in
+``functional_call`` dicts), :func:`masked_value` (``W = where(m, θ, 0) · s``) and
+:func:`validate_params` (a ``{name: tensor}`` parameter dict, raw or canonical keys, checked once
+for every function that takes ``params=``).
+
 Rescaling (THEORY.md §B.7): with keep-probability ``q`` of a tensor, the
 effective weight is ``W_eff = M ⊙ θ / sqrt(q)`` (weights x 1/sqrt(q), i.e.
 variance x 1/q); this keeps every layer's forward variance and its NTK
@@ -29,11 +37,17 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import check_density
+from ._checks import as_tensor, check_density, check_finite
 
 __all__ = [
     "MaskParametrization",
+    "MASK_BUFFER",
     "canonical_name",
+    "split_name",
+    "raw_name",
+    "mask_buffer_name",
+    "masked_value",
+    "validate_params",
     "random_mask",
     "mask_density",
     "apply_mask",
@@ -43,6 +57,22 @@ __all__ = [
 ]
 
 _PARAMETRIZED = re.compile(r"^(?:(?P<prefix>.*)\.)?parametrizations\.(?P<tensor>[^.]+)\.original$")
+
+#: Name of the bool buffer of :class:`MaskParametrization` (``state_dict`` key ``"...parametrizations.weight.0.mask"``).
+MASK_BUFFER = "mask"
+
+
+def masked_value(theta: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """The effective tensor of a masked parameter, ``W = where(m, θ, 0) · s`` (THEORY.md §B.7).
+
+    ``torch.where`` rather than ``m ⊙ θ`` keeps pruned coordinates exactly zero even where ``θ``
+    is not finite; ``∂W/∂θ = s m``, so pruned coordinates get no gradient. ``scale`` is ``1/sqrt(q)``
+    for a rescaled mask of density ``q``, else 1 (no multiplication then: the value is bit-identical
+    to the unscaled one). Shapes: ``theta`` and ``mask`` broadcast (normally equal); the result has
+    ``theta``'s dtype.
+    """
+    w = torch.where(mask, theta, theta.new_zeros(()))
+    return w * scale if scale != 1.0 else w
 
 
 class MaskParametrization(nn.Module):
@@ -57,12 +87,11 @@ class MaskParametrization(nn.Module):
 
     def __init__(self, mask: torch.Tensor, scale: float = 1.0):
         super().__init__()
-        self.register_buffer("mask", mask.detach().clone().to(torch.bool))
+        self.register_buffer(MASK_BUFFER, mask.detach().clone().to(torch.bool))
         self.scale = float(scale)
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
-        w = torch.where(self.mask, theta, theta.new_zeros(()))
-        return w * self.scale if self.scale != 1.0 else w
+        return masked_value(theta, self.mask, self.scale)
 
     def extra_repr(self) -> str:
         return f"density={float(self.mask.float().mean()):.4g}, scale={self.scale:.6g}"
@@ -76,10 +105,28 @@ def canonical_name(name: str) -> str:
     return f"{m['prefix']}.{m['tensor']}" if m["prefix"] else m["tensor"]
 
 
-def _split(name: str) -> tuple[str, str]:
-    """Canonical ``"a.b.weight"`` -> (module path ``"a.b"``, tensor name ``"weight"``)."""
-    prefix, _, tensor = name.rpartition(".")
+def split_name(name: str) -> tuple[str, str]:
+    """``"a.b.weight"`` (or its raw spelling) -> (module path ``"a.b"``, tensor name ``"weight"``);
+    the module path is ``""`` for a parameter of the root module."""
+    prefix, _, tensor = canonical_name(name).rpartition(".")
     return prefix, tensor
+
+
+def raw_name(canonical: str) -> str:
+    """``"a.b.weight"`` -> ``"a.b.parametrizations.weight.original"``: the name under which
+    ``named_parameters()`` lists the raw tensor ``θ`` once :func:`apply_mask` has masked it."""
+    prefix, tensor = split_name(canonical)
+    return (f"{prefix}." if prefix else "") + f"parametrizations.{tensor}.original"
+
+
+def mask_buffer_name(canonical: str) -> str:
+    """``"a.b.weight"`` -> ``"a.b.parametrizations.weight.0.mask"``: the name of the mask buffer of a
+    tensor masked by :func:`apply_mask` (in ``state_dict`` and ``named_buffers()``; a
+    ``functional_call`` dict may override it)."""
+    prefix, tensor = split_name(canonical)
+    return (f"{prefix}." if prefix else "") + f"parametrizations.{tensor}.0.{MASK_BUFFER}"
+
+
 
 
 def get_mask(module: nn.Module, tensor_name: str) -> tuple[torch.Tensor, float] | None:
@@ -141,6 +188,45 @@ def validate_mask(model_or_params, mask) -> dict[str, torch.Tensor]:
     return out
 
 
+def validate_params(model: nn.Module, params, name: str = "params") -> dict[str, torch.Tensor]:
+    """Check a ``{parameter name: tensor}`` dict against ``model``; return it keyed by *raw* names.
+
+    The one validation of parameter dicts (``empirical_ntk(params=)``, ``linearize(params=)``, ...).
+    Keys may be raw names (``model.named_parameters()``: ``"2.parametrizations.weight.original"`` on
+    a masked model) or canonical ones (``"2.weight"``); the result maps the raw names that
+    ``torch.func.functional_call`` needs to the given tensors (numpy arrays are converted, nothing is
+    cast or copied), in the order given. Raises ``TypeError`` naming ``name`` for a non-dict, a
+    non-string key or a value that is not a tensor / array, and ``ValueError`` for a key that is not
+    a parameter of the model, a parameter given twice (raw and canonical), a shape mismatch, a value
+    that is not real floating point, or a value that is not finite.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"{name}: expected a dict of parameter name -> tensor, got {type(params).__name__}")
+    named = dict(model.named_parameters())
+    canon_to_raw = {canonical_name(r): r for r in named}
+    out: dict[str, torch.Tensor] = {}
+    for key, v in params.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{name}: keys must be parameter names (str), got {type(key).__name__}")
+        raw = key if key in named else canon_to_raw.get(key)
+        if raw is None:
+            known = ", ".join(sorted(canon_to_raw)[:8]) + (" ..." if len(canon_to_raw) > 8 else "")
+            raise ValueError(f"{name}: key {key!r} is not a parameter of the model (parameters: {known})")
+        if raw in out:
+            raise ValueError(f"{name}: parameter {canonical_name(raw)!r} is given twice (raw and canonical name)")
+        t = as_tensor(v, f"{name}[{key!r}]")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}[{key!r}]: expected a real floating tensor, got dtype {t.dtype}")
+        if t.shape != named[raw].shape:
+            raise ValueError(f"{name}[{key!r}]: has shape {tuple(t.shape)}, "
+                             f"the model's parameter has shape {tuple(named[raw].shape)}")
+        check_finite(t, f"{name}[{key!r}]")
+        out[raw] = t
+    return out
+
+
 def mask_density(mask: Mapping[str, torch.Tensor]) -> float:
     """Fraction of kept entries over all masked tensors: ``sum(m) / sum(numel(m))`` (parameters
     absent from the mask are not counted). For one tensor's density pass ``{name: m}``."""
@@ -161,7 +247,7 @@ def _maskable(model: nn.Module, include_bias: bool) -> list[tuple[str, list[tupl
     groups: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for raw, p in model.named_parameters():
         name = canonical_name(raw)
-        prefix, tensor = _split(name)
+        prefix, tensor = split_name(name)
         if p.dim() >= 2 or (include_bias and tensor == "bias" and p.dim() == 1):
             groups.setdefault(prefix, []).append((name, p))
     # a module counts as a layer only if it has a maskable weight (a lone bias is not a layer)
@@ -245,7 +331,7 @@ def apply_mask(model: nn.Module, mask: Mapping[str, torch.Tensor], rescale: bool
     mask = validate_mask(model, mask)
     targets = []
     for name, m in mask.items():  # every check before the first change: a refusal leaves the model as it was
-        prefix, tensor = _split(name)
+        prefix, tensor = split_name(name)
         module = model.get_submodule(prefix) if prefix else model
         targets.append((module, tensor, m, get_mask(module, tensor) is not None))
     for module, tensor, m, masked in targets:

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from ntk_theory.empirical import empirical_ntk
-from ntk_theory.layers import Erf, NTKConv2d, NTKLinear, finite_mlp
-from ntk_theory.masks import apply_mask, random_mask
+from ntk_theory.layers import ErfActivation, NTKConv2d, NTKLinear, finite_mlp
+from ntk_theory.masks import apply_mask, random_mask, raw_name
 
 from ntk_helpers import TOL, assert_rel, engine_taken
 from ntk_helpers import gen as _gen
@@ -244,7 +244,7 @@ def test_conv_geometry_variants():
 # ------------------------------------------------------------------------------------------
 # Hypothesis: random small architectures, masks, modes, blocks
 # ------------------------------------------------------------------------------------------
-_ACTS = [nn.ReLU, nn.Tanh, Erf, nn.Identity, nn.Softplus, nn.GELU, nn.LeakyReLU, nn.Sigmoid]
+_ACTS = [nn.ReLU, nn.Tanh, ErfActivation, nn.Identity, nn.Softplus, nn.GELU, nn.LeakyReLU, nn.Sigmoid]
 
 
 @st.composite
@@ -410,13 +410,18 @@ def test_explicit_mask_on_masked_model_is_combined_and_names_accepted():
     both = {k: m1[k] & m2[k] for k in m1}
     ref = empirical_ntk(model, x, mask=both, method="jacobian")
     assert_rel(empirical_ntk(masked, x, mask=m2), ref)
-    raw = {f"{k.rpartition('.')[0]}.parametrizations.weight.original": v for k, v in m2.items()}
+    raw = {raw_name(k): v for k, v in m2.items()}
     assert_rel(empirical_ntk(masked, x, mask=raw, method="jvp"), ref)
     # params by canonical or raw name
     p_canon = {k: v.detach() for k, v in model.named_parameters() if k in m1}
-    p_raw = {f"{k.rpartition('.')[0]}.parametrizations.weight.original": v for k, v in p_canon.items()}
+    p_raw = {raw_name(k): v for k, v in p_canon.items()}
     a = empirical_ntk(masked, x, params=p_canon)
     assert_rel(empirical_ntk(masked, x, params=p_raw, method="jacobian"), a)
+    # the one parameter-dict validation (ntk_theory.masks.validate_params): a name given twice is
+    # refused, numpy values are converted at the edge
+    with pytest.raises(ValueError, match="params.*twice"):
+        empirical_ntk(masked, x, params={**p_canon, **p_raw})
+    assert_rel(empirical_ntk(masked, x, params={k: v.numpy() for k, v in p_canon.items()}), a)
 
 
 def test_params_subset_and_frozen_parameters():
@@ -519,6 +524,8 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         (dict(x2=torch.randn(2, 4, dtype=D), mode="diagonal"), "x2"),
         (dict(params={"missing": torch.zeros(1)}), "params"),
         (dict(params={"0.weight": torch.zeros(2, 2)}), "params"),
+        (dict(params={"0.weight": torch.full((7, 4), float("nan"), dtype=D)}), "params"),
+        (dict(params={"0.weight": torch.zeros(7, 4, dtype=torch.int64)}), "params"),
         (dict(dtype=torch.int64), "dtype"),
         (dict(block_size=0), "block_size"),
     ]
@@ -694,7 +701,7 @@ def _all_paths_match(model, x1, x2=None, **kw):
             assert_rel(empirical_ntk(model, x1, xb, mode=mode, method="structured", **kw), ref)
 
 
-@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, Erf, nn.Identity])
+@pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, ErfActivation, nn.Identity])
 def test_engine_activations_and_nested_sequentials(act):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), act()),

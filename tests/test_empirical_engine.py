@@ -21,7 +21,7 @@ from torch import nn
 
 from ntk_theory import empirical as E
 from ntk_theory.empirical import empirical_ntk
-from ntk_theory.layers import Erf, NTKConv2d, NTKLinear
+from ntk_theory.layers import ErfActivation, NTKConv2d, NTKLinear
 from ntk_theory.masks import apply_mask, random_mask
 
 from ntk_helpers import TOL, assert_rel, engine_taken
@@ -106,7 +106,7 @@ def _draw_act(draw) -> nn.Module:
     if kind == "leaky":
         return nn.LeakyReLU(draw(st.sampled_from([0.0, 0.1, 2.5, -0.3])))
     return {"relu": nn.ReLU(), "relu_": nn.ReLU(inplace=True), "tanh": nn.Tanh(), "sigmoid": nn.Sigmoid(),
-            "erf": Erf(), "identity": nn.Identity()}[kind]
+            "erf": ErfActivation(), "identity": nn.Identity()}[kind]
 
 
 @st.composite

@@ -17,10 +17,15 @@ from ntk_theory.masks import (
     apply_mask,
     canonical_name,
     get_mask,
+    mask_buffer_name,
     mask_density,
+    masked_value,
     random_mask,
+    raw_name,
     remove_mask,
+    split_name,
     validate_mask,
+    validate_params,
 )
 
 D = torch.float64
@@ -36,6 +41,66 @@ def test_canonical_name():
     assert canonical_name("parametrizations.weight.original") == "weight"
     assert canonical_name("0.weight") == "0.weight"
     assert canonical_name("0.parametrizations.weight.original0") == "0.parametrizations.weight.original0"
+
+
+def test_names_owned_by_masks_are_the_ones_torch_uses():
+    """raw_name / mask_buffer_name / split_name against the names parametrize actually gives."""
+    assert split_name("a.b.weight") == ("a.b", "weight") == split_name("a.b.parametrizations.weight.original")
+    assert split_name("bias") == ("", "bias")
+    assert raw_name("weight") == "parametrizations.weight.original"
+    assert mask_buffer_name("bias") == "parametrizations.bias.0.mask"
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)).to(D)
+    m = random_mask(model, 0.5, generator=0, include_bias=True, skip_first=False)
+    apply_mask(model, m)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    for k in m:
+        assert canonical_name(raw_name(k)) == k and raw_name(raw_name(k)) == raw_name(k)
+        assert raw_name(k) in params and mask_buffer_name(k) in buffers
+        assert torch.equal(buffers[mask_buffer_name(k)], m[k])
+    assert set(buffers) == {mask_buffer_name(k) for k in m}
+    assert set(params) == {raw_name(k) for k in m}  # every tensor of the model masked (biases included)
+
+
+def test_masked_value_is_the_parametrization_formula():
+    theta = torch.tensor([1.5, float("nan"), -2.0, float("inf")], dtype=D)
+    keep = torch.tensor([True, False, True, False])
+    out = masked_value(theta, keep, 2.0)
+    assert torch.equal(out, torch.tensor([3.0, 0.0, -4.0, 0.0], dtype=D))  # pruned non-finite values: exact zeros
+    assert torch.equal(masked_value(theta, keep), torch.tensor([1.5, 0.0, -2.0, 0.0], dtype=D))
+    assert torch.equal(MaskParametrization(keep, 2.0)(theta), out)
+    g = torch.tensor([1.0, 2.0, 3.0], dtype=D, requires_grad=True)
+    masked_value(g, torch.tensor([True, False, True]), 0.5).sum().backward()
+    assert torch.equal(g.grad, torch.tensor([0.5, 0.0, 0.5], dtype=D))  # dW/dθ = s m
+
+
+def test_validate_params_one_rule_for_raw_and_canonical_names():
+    model = _mlp()
+    m = random_mask(model, 0.5, generator=1)
+    apply_mask(model, m)
+    w = torch.zeros(16, 16, dtype=D)
+    # canonical and raw names both resolve to the raw name functional_call needs
+    assert list(validate_params(model, {"2.weight": w})) == [raw_name("2.weight")]
+    assert list(validate_params(model, {raw_name("2.weight"): w, "0.bias": torch.zeros(16, dtype=D)})) == [
+        raw_name("2.weight"), "0.bias"]
+    got = validate_params(model, {"2.weight": w.numpy()})  # numpy at the edge, converted
+    assert isinstance(got[raw_name("2.weight")], torch.Tensor)
+    assert validate_params(model, {"2.weight": w})[raw_name("2.weight")] is w  # neither copied nor cast
+    bad_values = [
+        ({"9.weight": w}, ValueError, "not a parameter"),
+        ({"2.weight": w, raw_name("2.weight"): w}, ValueError, "twice"),
+        ({"2.weight": torch.zeros(16, 15, dtype=D)}, ValueError, "shape"),
+        ({"2.weight": torch.zeros(16, 16, dtype=torch.int64)}, ValueError, "floating"),
+        ({"2.weight": torch.zeros(16, 16, dtype=torch.complex128)}, ValueError, "floating"),
+        ({"2.weight": torch.full((16, 16), float("nan"), dtype=D)}, ValueError, "finite|NaN|nan"),
+        ({"2.weight": "w"}, TypeError, "2.weight"),
+        ({2: w}, TypeError, "str"),
+    ]
+    for params, exc, what in bad_values:
+        with pytest.raises(exc, match="params0") as info:
+            validate_params(model, params, "params0")
+        assert info.match(what), (params, info.value)
+    with pytest.raises(TypeError, match="params"):
+        validate_params(model, [("2.weight", w)])
 
 
 def test_random_mask_layerwise_exact_density_and_skip_first():
@@ -125,7 +190,7 @@ def test_apply_mask_forward_gradients_and_names(rescale):
     # the same Parameter objects, now under the parametrize names
     raw = dict(model.named_parameters())
     for k, p in weight_objs.items():
-        rk = k if k not in m else f"{k.rpartition('.')[0]}.parametrizations.{k.rpartition('.')[2]}.original"
+        rk = k if k not in m else raw_name(k)
         assert raw[rk] is p
     # the forward is the model at W = s (m ⊙ θ)
     with torch.no_grad():
@@ -141,7 +206,7 @@ def test_apply_mask_forward_gradients_and_names(rescale):
         opt.zero_grad()
         model(x).pow(2).sum().backward()
         for k, mm in m.items():
-            g = raw[f"{k.rpartition('.')[0]}.parametrizations.{k.rpartition('.')[2]}.original"].grad
+            g = raw[raw_name(k)].grad
             assert bool((g[~mm] == 0).all())
         opt.step()
     for k, mm in m.items():
@@ -150,7 +215,7 @@ def test_apply_mask_forward_gradients_and_names(rescale):
         assert bool((eff[~mm] == 0).all()) and bool((eff[mm] != 0).any())
     # state_dict carries the mask; a fresh masked model loads it
     sd = model.state_dict()
-    assert any(k.endswith("parametrizations.weight.0.mask") for k in sd)
+    assert all(mask_buffer_name(k) in sd for k in m)
     twin = apply_mask(_mlp(seed=9), m, rescale=rescale)
     twin.load_state_dict(sd)
     torch.testing.assert_close(twin(x), model(x))
@@ -212,9 +277,7 @@ def _mlp_rv(seed=0, sigma_b=0.1, width=12, out=3):
     return finite_mlp(4, width, 2, out, sigma_b=sigma_b, generator=torch.Generator().manual_seed(seed))
 
 
-def _raw_name_rv(canonical):
-    prefix, _, tensor = canonical.rpartition(".")
-    return f"{prefix}.parametrizations.{tensor}.original" if prefix else f"parametrizations.{tensor}.original"
+_raw_name_rv = raw_name
 
 
 @given(q=st.floats(0.01, 1.0), seed=st.integers(0, 1000), include_bias=st.booleans(), skip_first=st.booleans())
