@@ -46,6 +46,7 @@ from torch import nn
 
 from ._checks import as_tensor, check_choice, check_density, check_finite, check_int, check_nonnegative
 from ._checks import check_bool, check_finite_number, check_real
+from . import activations as _acts
 from . import layers as _fl
 
 __all__ = [
@@ -558,7 +559,7 @@ def LeakyRelu(alpha: float = 0.01) -> Layer:
 
 def Erf() -> Layer:
     """:math:`\\phi(z) = \\mathrm{erf}(z)`."""
-    return _nonlin("Erf()", _erf_expect, _fl.Erf)
+    return _nonlin("Erf()", _erf_expect, _fl.ErfActivation)
 
 
 def Identity() -> Layer:
@@ -813,9 +814,6 @@ def serial(*layers: Layer) -> KernelFn:
     return KernelFn(layers)
 
 
-_ACTS = {"relu": Relu, "erf": Erf, "leaky_relu": LeakyRelu, "identity": Identity}
-
-
 def mlp(depth: int, activation: str = "relu", sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, density: float = 1.0,
         rescale: bool = True, mask_first_layer: bool = False, *, alpha: float = 0.01) -> KernelFn:
     r"""Kernel of an MLP with ``depth`` hidden layers (Dense, activation) and a Dense readout.
@@ -836,11 +834,11 @@ def mlp(depth: int, activation: str = "relu", sigma_w: float = 2 ** 0.5, sigma_b
     layer too; it is exact only as :math:`d \to \infty` (a mean-field approximation).
     """
     depth = check_int(depth, "depth", minimum=0)
-    check_choice(activation, "activation", tuple(_ACTS))
+    act_entry = _acts.get(activation, kernel=True)
     q = check_density(density)
     check_bool(rescale, "rescale")
     check_bool(mask_first_layer, "mask_first_layer")
-    act = (lambda: LeakyRelu(alpha)) if activation == "leaky_relu" else _ACTS[activation]
+    act = lambda: act_entry.kernel_layer(alpha)
     first_q = q if mask_first_layer else 1.0
     layers = [Dense(sigma_w, sigma_b, density=first_q, rescale=rescale)]
     for _ in range(depth):

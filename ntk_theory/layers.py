@@ -21,11 +21,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_choice, check_finite_number, check_int, check_nonnegative
+from ._checks import as_generator, check_choice, check_device, check_finite_number, check_int, check_nonnegative
 
-__all__ = ["NTKLinear", "NTKConv2d", "Erf", "activation_module", "finite_mlp", "finite_cnn", "ACTIVATIONS"]
+__all__ = ["NTKLinear", "NTKConv2d", "ErfActivation", "gains", "finite_mlp", "finite_cnn"]
 
-ACTIVATIONS = ("relu", "erf", "leaky_relu", "identity")
+
+def _factory_args(dtype, device, generator):
+    """Validated ``(dtype, device, generator)`` of a layer constructor.
+
+    ``dtype``: ``None`` (torch's default) or a floating dtype; ``device``: ``None`` (torch's default device)
+    or anything :func:`ntk_theory._checks.check_device` accepts; ``generator``: an int seed, a
+    ``torch.Generator`` or ``None`` (:func:`ntk_theory._checks.as_generator`), seeded on ``device``.
+    """
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex):
+        raise ValueError(f"dtype: got {dtype!r}; expected None or a real floating torch.dtype (torch.float32, torch.float64)")
+    dev = None if device is None else check_device(device, "device")
+    gen = as_generator(generator, "generator", dev if dev is not None else "cpu")
+    if gen is not None and dev is not None and gen.device.type != dev.type:
+        raise ValueError(f"generator: on device {gen.device}, but the layer is created on {dev}; "
+                         "pass a generator of that device or an int seed")
+    return dtype, dev, gen
 
 
 def _normal_(t: torch.Tensor, generator: torch.Generator | None) -> None:
@@ -44,6 +59,7 @@ class NTKLinear(nn.Linear):
         check_nonnegative(sigma_w, "sigma_w")
         check_nonnegative(sigma_b, "sigma_b")
         bias = (sigma_b > 0) if bias is None else bias
+        dtype, device, generator = _factory_args(dtype, device, generator)
         super().__init__(in_features, out_features, bias=bias, dtype=dtype, device=device)
         self.sigma_w = float(sigma_w)
         self.sigma_b = float(sigma_b)
@@ -75,6 +91,7 @@ class NTKConv2d(nn.Conv2d):
         check_nonnegative(sigma_w, "sigma_w")
         check_nonnegative(sigma_b, "sigma_b")
         bias = (sigma_b > 0) if bias is None else bias
+        dtype, device, generator = _factory_args(dtype, device, generator)
         super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=kernel_size // 2,
                          bias=bias, dtype=dtype, device=device)
         self.sigma_w = float(sigma_w)
@@ -93,23 +110,27 @@ class NTKConv2d(nn.Conv2d):
         return super().extra_repr() + f", sigma_w={self.sigma_w:g}, sigma_b={self.sigma_b:g}"
 
 
-class Erf(nn.Module):
-    """Elementwise ``erf``."""
+class ErfActivation(nn.Module):
+    """Elementwise ``erf`` (the module; :func:`ntk_theory.infinite.Erf` is its closed-form kernel layer)."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return torch.erf(h)
 
 
-def activation_module(name: str, alpha: float = 0.01) -> nn.Module:
-    """The finite counterpart of an activation name of :func:`ntk_theory.infinite.mlp`."""
-    check_choice(name, "activation", ACTIVATIONS)
-    if name == "relu":
-        return nn.ReLU()
-    if name == "leaky_relu":
-        return nn.LeakyReLU(alpha)
-    if name == "erf":
-        return Erf()
-    return nn.Identity()
+def gains(module: nn.Module) -> tuple[float, float] | None:
+    """``(weight_gain, bias_gain)`` of an affine module: the one gains protocol.
+
+    A layer computes ``op(h, weight_gain * W, bias_gain * b)``: :class:`NTKLinear` / :class:`NTKConv2d`
+    give ``(sigma_w / sqrt(fan_in), sigma_b)``, a plain ``nn.Linear`` / ``nn.Conv2d`` (whose class has not
+    overridden ``forward``) gives ``(1.0, 1.0)``; anything else (an activation, a container, a layer
+    with a forward of its own) gives ``None``: its computation is not known to be of that form.
+    """
+    fwd = getattr(type(module), "forward", None)
+    if isinstance(module, (NTKLinear, NTKConv2d)) and fwd in (NTKLinear.forward, NTKConv2d.forward):
+        return float(module.weight_gain), float(module.bias_gain)
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and fwd in (nn.Linear.forward, nn.Conv2d.forward):
+        return 1.0, 1.0
+    return None
 
 
 def finite_mlp(d_in: int, width: int, depth: int, out_features: int = 1, *, activation: str = "relu",
@@ -125,13 +146,14 @@ def finite_mlp(d_in: int, width: int, depth: int, out_features: int = 1, *, acti
     check_int(depth, "depth", minimum=0)
     check_int(width, "width", minimum=1)
     check_int(d_in, "d_in", minimum=1)
-    check_choice(activation, "activation", ACTIVATIONS)
-    check_finite_number(alpha, "alpha", "a finite leaky-ReLU slope")
+    from .activations import get
+    act = get(activation)
+    alpha = act._alpha(alpha)
     layers: list[nn.Module] = []
     fan_in = d_in
     for _ in range(depth):
         layers += [NTKLinear(fan_in, width, sigma_w=sigma_w, sigma_b=sigma_b, generator=generator,
-                             dtype=dtype, device=device), activation_module(activation, alpha)]
+                             dtype=dtype, device=device), act.module(alpha)]
         fan_in = width
     layers.append(NTKLinear(fan_in, out_features, sigma_w=sigma_w, sigma_b=sigma_b, generator=generator,
                             dtype=dtype, device=device))
@@ -153,13 +175,14 @@ def finite_cnn(in_channels: int, channels: int, depth: int, image_size: tuple[in
         raise ValueError(f"image_size: expected a pair (H, W) of positive integers, got {image_size!r}")
     for s in image_size:
         check_int(s, "image_size", minimum=1)
-    check_choice(activation, "activation", ACTIVATIONS)
-    check_finite_number(alpha, "alpha", "a finite leaky-ReLU slope")
+    from .activations import get
+    act = get(activation)
+    alpha = act._alpha(alpha)
     layers: list[nn.Module] = []
     c = in_channels
     for _ in range(depth):
         layers += [NTKConv2d(c, channels, kernel_size, sigma_w=sigma_w, sigma_b=sigma_b, generator=generator,
-                             dtype=dtype, device=device), activation_module(activation, alpha)]
+                             dtype=dtype, device=device), act.module(alpha)]
         c = channels
     h, w = image_size
     if readout == "flatten":
