@@ -81,7 +81,7 @@ from torch.nn.modules.utils import _pair
 from torch.nn.utils import parametrize
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
-from ._checks import as_tensor, check_choice, check_finite, check_int
+from ._checks import as_tensor, check_choice, check_finite, check_int, check_real
 from .layers import ErfActivation, NTKConv2d, NTKLinear
 from .masks import (canonical_name, get_mask, mask_buffer_name, masked_value, raw_name, split_name, validate_mask,
                     validate_params)
@@ -234,7 +234,9 @@ def _prepare(model, params, mask, mask_mode, dtype) -> _Problem:
 
 
 def _prepare_x(x, name: str, prob: _Problem) -> torch.Tensor:
-    t = as_tensor(x, name)
+    """The dtype rule at the boundary: real inputs (any real dtype, numpy included) are cast to the
+    kernel dtype; complex ones are refused (a cast would silently drop the imaginary part)."""
+    t = check_real(as_tensor(x, name), name)
     if t.dim() < 1 or t.shape[0] < 1:
         raise ValueError(f"{name}: expected a non-empty batch of shape (N, ...), got shape {tuple(t.shape)}")
     check_finite(t, name)
@@ -1450,9 +1452,11 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, params: Mapping[str, torch.T
         model: any ``nn.Module`` mapping ``(N, ...)`` to ``(N,)`` or ``(N, O)`` (further output
             dimensions are flattened into ``O``). Never mutated: it is called through
             ``torch.func.functional_call``; hooks used by ``"structured"`` are removed again.
-        x1, x2: input batches ``(N1, ...)``, ``(N2, ...)`` with the same feature shape; ``x2=None``
-            means ``x2 = x1`` (and exploits the symmetry). Cast to the kernel dtype and moved
-            to the parameters' device. Must be finite.
+        x1, x2: input batches ``(N1, ...)``, ``(N2, ...)`` with the same feature shape (tensors or
+            numpy arrays); ``x2=None`` means ``x2 = x1`` (and exploits the symmetry). The dtype rule:
+            inputs are cast to the kernel dtype (the model's dtype unless ``dtype=`` is given) at
+            the boundary, and moved to the parameters' device; the caller's tensors are never
+            modified. Must be real (complex inputs raise ``TypeError``) and finite.
         params: the parameters to differentiate, ``{name: tensor}`` (names of
             ``model.named_parameters()``, or canonical names for masked models); the other
             parameters are held at the model's values. Default: every parameter with
@@ -1471,7 +1475,8 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, params: Mapping[str, torch.T
             the other two by a FLOP model).
         block_size: compute the kernel in blocks of ``block_size`` rows and columns (bounded
             memory for large N); the result equals the unblocked one.
-        dtype: kernel dtype; default the dtype of the (first) differentiated parameter.
+        dtype: kernel dtype (a floating ``torch.dtype``); default the model's dtype, i.e. that of
+            the (first) differentiated parameter. Parameters, buffers and inputs are cast to it.
 
     Returns:
         The kernel as described under ``mode``, in ``dtype`` on the parameters' device.
@@ -1479,7 +1484,7 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, params: Mapping[str, torch.T
     Raises:
         ValueError naming the argument for unknown ``mode``/``method``/``mask_mode``, invalid
         masks, mismatching or non-finite inputs, or ``method="structured"`` on a model it
-        cannot handle. TypeError for arguments of the wrong type.
+        cannot handle. TypeError for arguments of the wrong type and for complex inputs.
 
     Cost of ``"structured"`` for an MLP with widths ``n_l``: ``Σ_l 2 (N O)² n_l + 2 N² n_{l-1}``
     FLOPs in full mode (``O`` times less in trace mode); with a mask a layer costs

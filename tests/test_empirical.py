@@ -544,6 +544,40 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         empirical_ntk(lambda t: t, x)
 
 
+# Was (issue 13): complex inputs were cast to the real dtype with only torch's warning, and the
+# kernel of the real part came back; the closed form raises TypeError. Refused, naming the argument.
+@pytest.mark.parametrize("method", ["auto", "structured", "jacobian", "jvp"])
+def test_regression_complex_inputs_refused(method):
+    model = mlp()
+    x = torch.randn(3, 4, dtype=D, generator=_gen(0))
+    xc = torch.complex(x, torch.ones_like(x))
+    with pytest.raises(TypeError, match="x1.*complex"):
+        empirical_ntk(model, xc, method=method)
+    with pytest.raises(TypeError, match="x1.*complex"):
+        empirical_ntk(model, xc.numpy(), method=method)
+    with pytest.raises(TypeError, match="x2.*complex"):
+        empirical_ntk(model, x, xc[:2], method=method)
+    with pytest.raises(TypeError, match="x1.*complex"):  # even with the imaginary part zero
+        empirical_ntk(model, torch.complex(x, torch.zeros_like(x)), mode="diagonal", method=method)
+
+
+def test_dtype_rule_inputs_cast_to_the_kernel_dtype():
+    """Inputs are cast to the kernel dtype (the model's unless dtype= is given) at the boundary."""
+    model32 = mlp().float()
+    x = torch.randn(3, 4, dtype=D, generator=_gen(1))
+    x2 = torch.randn(2, 4, dtype=D, generator=_gen(2))
+    k = empirical_ntk(model32, x, x2)
+    assert k.dtype == torch.float32
+    assert torch.equal(k, empirical_ntk(model32, x.float(), x2.float()))  # exactly the cast inputs
+    assert torch.equal(empirical_ntk(model32, x.numpy(), x2.numpy()), k)  # numpy at the edge
+    xi = torch.arange(12).reshape(3, 4) - 5  # integers: cast as well
+    assert torch.equal(empirical_ntk(model32, xi), empirical_ntk(model32, xi.float()))
+    k64 = empirical_ntk(model32, x.float(), x2.float(), dtype=D)  # dtype= : parameters and inputs in float64
+    assert k64.dtype == D
+    assert_rel(k64, empirical_ntk(copy.deepcopy(model32).double(), x.float().double(), x2.float().double()))
+    assert x.dtype == D and x2.dtype == D  # the caller's tensors are untouched
+
+
 # ------------------------------------------------------------------------------------------
 # Monte-Carlo bridge to the closed-form kernels (ntk_theory.infinite)
 # ------------------------------------------------------------------------------------------
