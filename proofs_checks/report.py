@@ -1,12 +1,12 @@
 """Reports of verification runs: a terminal table, ``report.json``, ``report.md`` and figures."""
 from __future__ import annotations
 
-import json
-
 import datetime as _dt
+import json
 import platform
 import sys
 from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 
@@ -14,7 +14,7 @@ from ntk_theory.io import atomic_write, atomic_write_json, atomic_write_text
 
 from .registry import CheckResult
 
-__all__ = ["format_table", "write_report"]
+__all__ = ["format_table", "write_report", "figure", "plot_result", "read_resumable", "merge_results"]
 
 
 def format_table(results: list[CheckResult]) -> str:
@@ -37,7 +37,19 @@ def _environment() -> dict:
                 threads=torch.get_num_threads(), time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
-def _plot(result: CheckResult, path: Path) -> Path | None:
+def _tick_label(v: float) -> str:
+    """Plain tick text: integers as integers (widths: ``1024``, never ``1.02e+03``), else ``%g``."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() and abs(v) < 1e15 else f"{v:g}"
+
+
+def figure(result: CheckResult):
+    """The matplotlib figure of ``result.details["series"]`` (None without a series or matplotlib).
+
+    The series' first curve is solid, the others dashed; ``reference_slope`` adds a dashed power
+    law through the first point; on a log x axis the ticks are the x values themselves when they
+    are integers (widths) or span less than a decade, written plainly.
+    """
     series = result.details.get("series")
     if not series:
         return None
@@ -55,23 +67,39 @@ def _plot(result: CheckResult, path: Path) -> Path | None:
     if ref is not None:
         y0 = next(iter(series["y"].values()))[0]
         ax.plot(x, [y0 * (xi / x[0]) ** ref for xi in x], "k--", lw=1, label=f"slope {ref:g}")
+    xs = [float(v) for v in x]
+    integers = all(v.is_integer() for v in xs)
     if series.get("loglog"):
         from matplotlib.ticker import NullFormatter
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        xs = [float(v) for v in x if float(v) > 0]
-        if xs and max(xs) < 10 * min(xs):  # less than a decade: no major tick would be labelled
-            ax.set_xticks(xs)
-            ax.set_xticklabels([f"{v:.3g}" for v in xs])
+        pos = [v for v in xs if v > 0]
+        if pos and (integers or max(pos) < 10 * min(pos)):  # widths, or less than a decade: label the points
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xticks(pos)
+            ax.set_xticklabels([_tick_label(v) for v in pos], rotation=45 if len(pos) > 5 else 0)
+    elif integers:
+        ax.set_xticks(xs)
+        ax.set_xticklabels([_tick_label(v) for v in xs], rotation=45 if len(xs) > 8 else 0)
     ax.set_xlabel(series.get("xlabel", ""))
     ax.set_ylabel(series.get("ylabel", ""))
     ax.set_title(f"{result.id}: {'PASS' if result.passed else 'FAIL'}")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120), mode="wb")
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_result(result: CheckResult, path: str | Path) -> Path | None:
+    """Write ``result``'s figure (:func:`figure`) as a PNG to ``path`` atomically; None if it has none."""
+    fig = figure(result)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+    try:
+        atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=120), mode="wb")
+    finally:
+        plt.close(fig)
+    return Path(path)
 
 
 def write_report(results: list[CheckResult], out_dir: str | Path, *, scale: str, seed: int,
@@ -96,7 +124,7 @@ def write_report(results: list[CheckResult], out_dir: str | Path, *, scale: str,
     md.append("")
     for r in results:
         md += [f"## {r.id}", "", r.statement, "", f"Parameters: `{r.parameters}`", ""]
-        fig = _plot(r, out / f"{r.id}.png") if figures else None
+        fig = plot_result(r, out / f"{r.id}.png") if figures else None
         if fig is None and not figures and (out / f"{r.id}.png").exists():
             fig = out / f"{r.id}.png"
         if fig is not None:
@@ -107,20 +135,35 @@ def write_report(results: list[CheckResult], out_dir: str | Path, *, scale: str,
 
 
 def read_resumable(out_dir: str | Path, *, scale: str, seed: int) -> tuple[dict[str, CheckResult], str]:
-    """Results of an earlier run in ``out_dir`` that ``--resume`` may reuse, and a one-line reason.
+    """Results of an earlier run in ``out_dir`` that a resumed run reuses, and a one-line account.
 
-    Only a ``report.json`` of the same scale and seed counts (another scale or seed measures
-    something else); a missing or unreadable report gives no results.
+    No ``report.json`` gives no results. A report of another scale or seed measures something
+    else, and an unreadable one cannot be merged: both raise ``ValueError`` (naming ``out_dir``),
+    because continuing would overwrite the results they hold.
     """
     path = Path(out_dir) / "report.json"
     if not path.exists():
-        return {}, f"no report in {out_dir}: running every check"
+        return {}, f"no report in {out_dir}: running every check asked for"
     try:
         rep = json.loads(path.read_text())
         results = {d["id"]: CheckResult.from_dict(d) for d in rep["checks"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return {}, f"{path} is not a readable awt report ({exc}): running every check"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"out_dir: {path} is not a readable awt report ({type(exc).__name__}: {exc}); "
+                         "move it away or write to another folder") from None
     if rep.get("scale") != scale or rep.get("seed") != seed:
-        return {}, (f"{path} is for scale {rep.get('scale')!r}, seed {rep.get('seed')!r}, not {scale!r}, {seed!r}: "
-                    "running every check")
+        raise ValueError(f"out_dir: {path} holds results for scale {rep.get('scale')!r}, seed {rep.get('seed')!r}, "
+                         f"not {scale!r}, {seed!r}; write to another folder to keep them")
     return results, f"resuming from {path}: {', '.join(results) or 'no check'} done"
+
+
+def merge_results(earlier: Mapping[str, CheckResult], new: Iterable[CheckResult],
+                  order: Iterable[str] = ()) -> list[CheckResult]:
+    """``earlier`` results updated by ``new`` ones (same id: the new one wins), sorted by ``order``
+    (ids not in it keep their place after those that are). A resumed run writes this, so no
+    finished result is ever dropped."""
+    merged = dict(earlier)
+    for r in new:
+        merged[r.id] = r
+    rank = {cid: i for i, cid in enumerate(order)}
+    ids = sorted(merged, key=lambda c: (rank.get(c, len(rank)), list(merged).index(c)))
+    return [merged[c] for c in ids]

@@ -16,15 +16,14 @@ per cent off, as long as that error is below the finite-width error.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
 from ntk_theory.empirical import empirical_ntk
 from ntk_theory.infinite import KernelFn, mlp
 
-from ..registry import CheckResult, progress, register
+from ..common import progress_bar, sphere_inputs
+from ..registry import Outcome, register
 from ..stats import BIAS_Z, bias_z, bootstrap_slope
 
 BAND = (-0.65, -0.35)
@@ -40,16 +39,10 @@ STATEMENT = ("For a ReLU MLP in the NTK parameterisation, the relative Frobenius
              "form (Monte-Carlo bias z <= 2.5).")
 
 
-def sphere_inputs(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
-    """``n`` points with ``||x||^2 = d`` (so the first-layer variance is sigma_w^2)."""
-    x = torch.randn(n, d, generator=generator, dtype=torch.float64)
-    return x / x.norm(dim=1, keepdim=True) * math.sqrt(d)
-
-
 def finite_kernels(kernel_fn: KernelFn, x: torch.Tensor, width: int, sigma_w: float, sigma_b: float,
                    generator: torch.Generator):
     """(empirical NTK, empirical NNGP) of one random network matching ``kernel_fn``."""
-    net = kernel_fn.finite(x.shape[1:], width, generator=generator)
+    net = kernel_fn.finite(x.shape[1:], width=width, generator=generator)
     theta = empirical_ntk(net, x)
     with torch.no_grad():
         feats = net[:-1](x)
@@ -57,40 +50,40 @@ def finite_kernels(kernel_fn: KernelFn, x: torch.Tensor, width: int, sigma_w: fl
     return theta, nngp
 
 
-@register("C1", "NTK/NNGP concentration at initialisation", STATEMENT, "theorem")
-def check_c1(scale: str = "quick", seed: int = 0, *, reference: KernelFn | None = None, sigma_w: float = 2 ** 0.5,
-             sigma_b: float = 0.0, **overrides) -> CheckResult:
+@register("C1", title="NTK/NNGP concentration at initialisation", statement=STATEMENT, rigour="theorem",
+          params=PARAMS)
+def check_c1(p: dict, seed: int, *, reference: KernelFn | None = None, sigma_w: float = 2 ** 0.5,
+             sigma_b: float = 0.0) -> Outcome:
     """Run C1. ``reference`` replaces the closed-form kernel (tests plant a wrong one)."""
-    p = dict(PARAMS[scale])
-    p.update(overrides)
     net_kernel = mlp(p["depth"], "relu", sigma_w, sigma_b)
     ref = net_kernel if reference is None else reference
     g = torch.Generator().manual_seed(seed)
     x = sphere_inputs(p["n_points"], p["d_in"], g)
     limit = ref(x)
     errs_ntk, errs_nngp, ks_ntk, ks_nngp = [], [], [], []
-    for width in progress(p["widths"], "C1 widths"):
-        e_t, e_k, kt, kk = [], [], [], []
-        for s in range(p["seeds"]):
-            gs = torch.Generator().manual_seed(seed * 100_003 + width * 101 + s)
-            theta, nngp = finite_kernels(net_kernel, x, width, sigma_w, sigma_b, gs)
-            kt.append(theta)
-            kk.append(nngp)
-            e_t.append(float((theta - limit.ntk).norm() / limit.ntk.norm()))
-            e_k.append(float((nngp - limit.nngp).norm() / limit.nngp.norm()))
-        errs_ntk.append(e_t)
-        errs_nngp.append(e_k)
-        ks_ntk.append(torch.stack(kt))
-        ks_nngp.append(torch.stack(kk))
+    with progress_bar(len(p["widths"]) * p["seeds"], "C1 widths x seeds") as bar:
+        for width in p["widths"]:
+            e_t, e_k, kt, kk = [], [], [], []
+            for s in range(p["seeds"]):
+                gs = torch.Generator().manual_seed(seed * 100_003 + width * 101 + s)
+                theta, nngp = finite_kernels(net_kernel, x, width, sigma_w, sigma_b, gs)
+                kt.append(theta)
+                kk.append(nngp)
+                e_t.append(float((theta - limit.ntk).norm() / limit.ntk.norm()))
+                e_k.append(float((nngp - limit.nngp).norm() / limit.nngp.norm()))
+                bar.update()
+            errs_ntk.append(e_t)
+            errs_nngp.append(e_k)
+            ks_ntk.append(torch.stack(kt))
+            ks_nngp.append(torch.stack(kk))
     s_t, ci_t = bootstrap_slope(p["widths"], errs_ntk, seed=seed)
     s_k, ci_k = bootstrap_slope(p["widths"], errs_nngp, seed=seed + 1)
     z_t, z_k = bias_z(p["widths"], ks_ntk, limit.ntk), bias_z(p["widths"], ks_nngp, limit.nngp)
     passed = BAND[0] <= s_t <= BAND[1] and BAND[0] <= s_k <= BAND[1] and z_t <= BIAS_Z and z_k <= BIAS_Z
     mean_t = [float(np.mean(e)) for e in errs_ntk]
     mean_k = [float(np.mean(e)) for e in errs_nngp]
-    return CheckResult(
-        id="C1", statement=STATEMENT, rigour="theorem",
-        parameters=dict(p, sigma_w=sigma_w, sigma_b=sigma_b, activation="relu", seed=seed,
+    return Outcome(
+        parameters=dict(sigma_w=sigma_w, sigma_b=sigma_b, activation="relu",
                         reference="closed form" if reference is None else repr(reference)),
         measured=dict(slope_ntk=s_t, ci_ntk=list(ci_t), slope_nngp=s_k, ci_nngp=list(ci_k),
                       err_ntk_at_max_width=mean_t[-1], bias_z_ntk=z_t, bias_z_nngp=z_k),

@@ -65,9 +65,9 @@ from ntk_theory.infinite import KernelFn, mlp
 from ntk_theory.masks import apply_mask, random_mask
 from ntk_theory.metrics import relative_frobenius
 
-from ..registry import CheckResult, progress, register
+from ..common import progress_bar, sphere_inputs
+from ..registry import Outcome, register
 from ..stats import BIAS_Z, bias_z, bootstrap_slope, loglog_slope
-from .c01_ntk_concentration import sphere_inputs
 
 BAND = (-0.65, -0.35)
 RATIO_BAND = (0.5, 1.25)
@@ -88,7 +88,7 @@ STATEMENT = ("A ReLU MLP whose weight layers after the first carry random masks 
 def masked_kernel(kernel_fn: KernelFn, x: torch.Tensor, width: int, density: float,
                   generator: torch.Generator, *, rescale: bool = True) -> torch.Tensor:
     """Θ̂(x, x) of one network of ``kernel_fn`` at ``width``, randomly masked (first layer dense)."""
-    net = kernel_fn.finite(x.shape[1:], width, generator=generator)
+    net = kernel_fn.finite(x.shape[1:], width=width, generator=generator)
     if density < 1:
         apply_mask(net, random_mask(net, density, generator=generator, skip_first=True), rescale=rescale)
     return empirical_ntk(net, x)
@@ -98,10 +98,10 @@ def _gen(seed: int, width: int, density: float, s: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + width * 7_919 + round(density * 65_536) * 101 + s)
 
 
-@register("C2", "Masked and rescaled NTK converges to the dense limit", STATEMENT, "theorem")
-def check_c2(scale: str = "quick", seed: int = 0, *, reference: KernelFn | None = None, rescale: bool = True,
-             effective_width_exponent: float = 1.0, ratio_band: tuple[float, float] = RATIO_BAND,
-             **overrides) -> CheckResult:
+@register("C2", title="Masked and rescaled NTK converges to the dense limit", statement=STATEMENT,
+          rigour="theorem", params=PARAMS)
+def check_c2(p: dict, seed: int, *, reference: KernelFn | None = None, rescale: bool = True,
+             effective_width_exponent: float = 1.0, ratio_band: tuple[float, float] = RATIO_BAND) -> Outcome:
     """Run C2.
 
     Tests use these overrides to plant a wrong ingredient: ``reference`` replaces the dense
@@ -109,8 +109,6 @@ def check_c2(scale: str = "quick", seed: int = 0, *, reference: KernelFn | None 
     ``effective_width_exponent=e`` compares with the dense error at width ``q**e * n``
     instead of ``q * n``.
     """
-    p = dict(PARAMS[scale])
-    p.update(overrides)
     net_kernel = mlp(p["depth"])
     ref = net_kernel if reference is None else reference
     g = torch.Generator().manual_seed(seed)
@@ -120,16 +118,20 @@ def check_c2(scale: str = "quick", seed: int = 0, *, reference: KernelFn | None 
     e = float(effective_width_exponent)
     eff = {(q, n): max(1, round(q ** e * n)) for q in qs for n in widths}
 
-    # masked networks: r(n, q) per seed
-    kers = {q: [torch.stack([masked_kernel(net_kernel, x, n, q, _gen(seed, n, q, s), rescale=rescale)
-                             for s in range(S)]) for n in widths] for q in progress(qs, "C2 densities")}
+    dense_widths = sorted(set(widths) | set(eff.values()))
+    with progress_bar((len(qs) * len(widths) + len(dense_widths)) * S, "C2 networks") as bar:
+        def kernel(width, density, s, rescale=True):
+            k = masked_kernel(net_kernel, x, width, density, _gen(seed, width, density, s), rescale=rescale)
+            bar.update()
+            return k
+
+        # masked networks: r(n, q) per seed
+        kers = {q: [torch.stack([kernel(n, q, s, rescale) for s in range(S)]) for n in widths] for q in qs}
+        # dense networks at the widths n and at the effective widths q^e n
+        dense_k = {w: torch.stack([kernel(w, 1.0, s) for s in range(S)]) for w in dense_widths}
     errs = {q: [[float(relative_frobenius(k, limit)) for k in ks] for ks in kers[q]] for q in qs}
     # the masked kernels average to the dense limit (Monte-Carlo bias test, as in C1)
     zs = [bias_z(widths, kers[q], limit) for q in qs]
-    # dense networks at the widths n and at the effective widths q^e n
-    dense_widths = sorted(set(widths) | set(eff.values()))
-    dense_k = {w: torch.stack([masked_kernel(net_kernel, x, w, 1.0, _gen(seed, w, 1.0, s)) for s in range(S)])
-               for w in progress(dense_widths, "C2 dense widths")}
     dense = {w: [float(relative_frobenius(k, limit)) for k in ks] for w, ks in dense_k.items()}
     zs.append(bias_z(dense_widths, [dense_k[w] for w in dense_widths], limit))  # the dense networks too
 
@@ -165,10 +167,9 @@ def check_c2(scale: str = "quick", seed: int = 0, *, reference: KernelFn | None 
     mean_err = {q: [float(np.mean(v)) for v in errs[q]] for q in qs}
     series_y = {f"q={q:g}": mean_err[q] for q in qs}
     series_y["dense"] = [float(np.mean(dense[w])) for w in widths]
-    return CheckResult(
-        id="C2", statement=STATEMENT, rigour="theorem",
-        parameters=dict(p, activation="relu", sigma_w=2 ** 0.5, sigma_b=0.0, rescale=rescale, skip_first=True,
-                        effective_width_exponent=e, seed=seed,
+    return Outcome(
+        parameters=dict(activation="relu", sigma_w=2 ** 0.5, sigma_b=0.0, rescale=rescale, skip_first=True,
+                        effective_width_exponent=e,
                         reference="dense closed form" if reference is None else repr(reference)),
         measured=dict(slopes=slopes, ci_low=[c[0] for c in cis], ci_high=[c[1] for c in cis],
                       slope_dense=s_dense, err_at_max_width=[mean_err[q][-1] for q in qs],

@@ -74,9 +74,9 @@ from ntk_theory.infinite import mlp, relu_expectations
 from ntk_theory.masks import apply_mask, random_mask
 from ntk_theory.metrics import relative_frobenius
 
-from ..registry import CheckResult, progress, register
+from ..common import progress_bar, sphere_inputs
+from ..registry import Outcome, register
 from ..stats import BIAS_Z, bias_z, bootstrap_slope, loglog_slope
-from .c01_ntk_concentration import sphere_inputs
 
 BAND = (-0.65, -0.35)
 PLATEAU = -0.2
@@ -149,9 +149,10 @@ def _first_layer_name(net: torch.nn.Module) -> str:
     return next(name for name, p in net.named_parameters() if p.dim() >= 2)
 
 
-@register("C4", "Masking a finite-fan-in first layer changes the NTK limit", STATEMENT, "heuristic")
-def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = True,
-             mixture_density: float | None = None, factor: float = FACTOR, **overrides) -> CheckResult:
+@register("C4", title="Masking a finite-fan-in first layer changes the NTK limit", statement=STATEMENT,
+          rigour="heuristic", params=PARAMS)
+def check_c4(p: dict, seed: int, *, mask_first_layer: bool = True, mixture_density: float | None = None,
+             factor: float = FACTOR) -> Outcome:
     """Run C4.
 
     Tests use these overrides to plant a wrong ingredient: ``mask_first_layer=False``
@@ -159,8 +160,6 @@ def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = Tr
     the mixture limit with a wrong q (1.0 gives the dense kernel); ``d_in`` large removes
     the finite-fan-in premise.
     """
-    p = dict(PARAMS[scale])
-    p.update(overrides)
     depth, widths, S = p["depth"], list(p["widths"]), p["seeds"]
     kern = mlp(depth)
     g = torch.Generator().manual_seed(seed)
@@ -168,7 +167,8 @@ def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = Tr
     dense = kern(x, get="ntk")
 
     rows, passed = [], True
-    for iq, q in enumerate(progress(p["densities"], "C4 densities")):
+    bar = progress_bar(len(p["densities"]) * len(widths) * S, "C4 networks")
+    for iq, q in enumerate(p["densities"]):
         q_mix = q if mixture_density is None else mixture_density
         _, mix = first_layer_masked_limit(x, depth, q_mix, generator=torch.Generator().manual_seed(seed + 17))
         e_ctrl, e_first, e_mix, k_first = [], [], [], []
@@ -176,7 +176,7 @@ def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = Tr
             c, f, m, kf = [], [], [], []
             for s in range(S):
                 gs = torch.Generator().manual_seed(seed * 1_000_003 + n * 7_919 + iq * 101 + s)
-                net = kern.finite((p["d_in"],), n, generator=gs)
+                net = kern.finite((p["d_in"],), width=n, generator=gs)
                 first = _first_layer_name(net)
                 full = random_mask(net, q, generator=gs, skip_first=False)
                 apply_mask(net, {k: v for k, v in full.items() if k != first}, rescale=True)
@@ -187,6 +187,7 @@ def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = Tr
                 kf.append(theta)
                 f.append(float(relative_frobenius(theta, dense)))
                 m.append(float(relative_frobenius(theta, mix)))
+                bar.update()
             e_ctrl.append(c)
             e_first.append(f)
             e_mix.append(m)
@@ -207,13 +208,12 @@ def check_c4(scale: str = "quick", seed: int = 0, *, mask_first_layer: bool = Tr
                          plateau_over_gap=mf[-1] / gap if gap > 0 else float("inf"),
                          criteria={k: bool(v) for k, v in ok.items()},
                          per_seed=dict(control=e_ctrl, first=e_first, mixture=e_mix)))
+    bar.close()
     last = rows[-1]
-    return CheckResult(
-        id="C4", statement=STATEMENT, rigour="heuristic",
-        parameters=dict(p, activation="relu", sigma_w=2 ** 0.5, sigma_b=0.0, rescale=True,
+    return Outcome(
+        parameters=dict(activation="relu", sigma_w=2 ** 0.5, sigma_b=0.0, rescale=True,
                         mask_first_layer=mask_first_layer, mixture_density=mixture_density, factor=factor,
-                        mixture="exact enumeration" if 2 ** p["d_in"] <= 2 ** 16 else "Monte Carlo (2^16 rows)",
-                        seed=seed),
+                        mixture="exact enumeration" if 2 ** p["d_in"] <= 2 ** 16 else "Monte Carlo (2^16 rows)"),
         measured=dict(slopes_control=[r["slope_control"] for r in rows],
                       slopes_first=[r["slope_first"] for r in rows],
                       slopes_first_all_widths=[r["slope_first_all_widths"] for r in rows],

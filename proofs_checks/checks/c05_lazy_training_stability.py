@@ -62,7 +62,6 @@ steps ``0..T``.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -74,9 +73,9 @@ from ntk_theory.empirical import empirical_ntk
 from ntk_theory.infinite import mlp
 from ntk_theory.metrics import relative_frobenius
 
-from ..registry import CheckResult, progress, register
+from ..common import one_intra_op_thread, progress_bar, sphere_inputs
+from ..registry import Outcome, register
 from ..stats import bootstrap_slope
-from .c01_ntk_concentration import sphere_inputs
 
 EXPONENT = -0.5     # Lee et al. 2019, Theorem 2.1: both quantities are O(n^{-1/2})
 TOL = 0.15          # THEORY.md §C: slope band [-0.65, -0.35] around -1/2
@@ -99,22 +98,6 @@ STATEMENT = ("Full-batch GD on MSE of an NTK-parameterised MLP with lr below the
 
 
 # --------------------------------------------------------------------------------------------- training
-@contextlib.contextmanager
-def one_intra_op_thread():
-    """Run the GD loop on one intra-op thread, restoring the caller's setting afterwards.
-
-    The loop is thousands of small (N x width) ops; with several OpenMP threads on a machine whose
-    cores are shared, each op waits for descheduled threads at its barrier (measured: 25 s instead
-    of 1.3 s for the same run on 2 busy cores); one thread is never slower here.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _layers(net: nn.Module) -> list[nn.Module]:
     mods = list(net.children()) if isinstance(net, nn.Sequential) else None
     if mods is None or not any(isinstance(m, nn.Linear) for m in mods):
@@ -199,9 +182,10 @@ def _two_term_fit(widths, means) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- the check
-@register("C5", "Lazy training: NTK and outputs stay near the linearisation (width^-1/2)", STATEMENT, "theorem")
-def check_c5(scale: str = "quick", seed: int = 0, *, exponent: float = EXPONENT, lin_time_scale: float = 1.0,
-             lin_kernel_shift: float = 0.0, **overrides) -> CheckResult:
+@register("C5", title="Lazy training: NTK and outputs stay near the linearisation (width^-1/2)",
+          statement=STATEMENT, rigour="theorem", params=PARAMS)
+def check_c5(p: dict, seed: int, *, exponent: float = EXPONENT, lin_time_scale: float = 1.0,
+             lin_kernel_shift: float = 0.0) -> Outcome:
     """Run C5.
 
     Planted wrong ingredients for tests: ``exponent`` (the claimed rate; the slopes must be
@@ -209,8 +193,6 @@ def check_c5(scale: str = "quick", seed: int = 0, *, exponent: float = EXPONENT,
     this), ``lin_kernel_shift`` (the reference uses ``Θ̂_0 + shift·λ_max·I``); an
     ``lr_fraction`` above ~1.1 breaks the theorem's hypothesis.
     """
-    p = dict(PARAMS[scale])
-    p.update(overrides)
     g = torch.Generator().manual_seed(seed)
     x = sphere_inputs(p["n_train"], p["d_in"], g)
     xt = sphere_inputs(p["n_test"], p["d_in"], g)
@@ -218,6 +200,7 @@ def check_c5(scale: str = "quick", seed: int = 0, *, exponent: float = EXPONENT,
     c = loss_scale(y, "size")
     measured, rows, configs, fits, series = {}, [], [], {}, None
     passed = True
+    bar = progress_bar(sum(len(cfg["widths"]) for cfg in p["configs"]) * p["seeds"], "C5 trainings")
     for ci, cfg in enumerate(p["configs"]):
         depth, widths = cfg["depth"], list(cfg["widths"])
         kern = mlp(depth, p["activation"], 2 ** 0.5, p["sigma_b"])
@@ -227,10 +210,10 @@ def check_c5(scale: str = "quick", seed: int = 0, *, exponent: float = EXPONENT,
         steps = int(math.ceil(p["horizon"] * c / (lr * lam_min)))
         net_seed = lambda width, s: seed * 100_003 + depth * 7_919 + width * 101 + s
         sup_k, sup_f, stab = [], [], 0.0
-        for width in progress(widths, f"C5 widths (L={depth})"):
+        for width in widths:
             ks, fs = [], []
             for s in range(p["seeds"]):
-                net = kern.finite((p["d_in"],), width, generator=torch.Generator().manual_seed(net_seed(width, s)))
+                net = kern.finite((p["d_in"],), width=width, generator=torch.Generator().manual_seed(net_seed(width, s)))
                 with one_intra_op_thread():
                     kc, fc, theta0 = _run_one(net, x, y, xt, lr, c, steps, p["kernel_every"], lin_kernel_shift,
                                               lin_time_scale)
@@ -239,6 +222,7 @@ def check_c5(scale: str = "quick", seed: int = 0, *, exponent: float = EXPONENT,
                 ks.append(kc)
                 fs.append(fc)
                 rows.append(dict(depth=depth, width=width, seed=s, sup_kernel_change=kc, sup_function_gap=fc))
+                bar.update()
             sup_k.append(ks)
             sup_f.append(fs)
         finite = all(math.isfinite(v) and v > 0 for vs in sup_k + sup_f for v in vs)
@@ -261,9 +245,9 @@ def check_c5(scale: str = "quick", seed: int = 0, *, exponent: float = EXPONENT,
             series = dict(x=widths, y={f"sup_t r(Theta_t, Theta_0), L={depth}": mean_k,
                                        f"sup_t ||f_t - f^lin_t|| (test), L={depth}": mean_f},
                           xlabel="width n", ylabel="sup over training", loglog=True, reference_slope=-0.5)
-    return CheckResult(
-        id="C5", statement=STATEMENT, rigour="theorem",
-        parameters=dict(p, seed=seed, exponent=exponent, lin_time_scale=lin_time_scale,
+    bar.close()
+    return Outcome(
+        parameters=dict(exponent=exponent, lin_time_scale=lin_time_scale,
                         lin_kernel_shift=lin_kernel_shift, normalization="size", sigma_w=2 ** 0.5),
         measured=measured,
         expected=dict(slope_band=[FLOOR, exponent + TOL], lr_over_stability_limit="< 1"),

@@ -21,7 +21,8 @@ from ntk_theory.adversarial import adversarial_ntk
 from ntk_theory.attacks import fgsm
 from ntk_theory.infinite import mlp
 
-from ..registry import CheckResult, progress, register
+from ..common import progress
+from ..registry import Outcome, register
 from ..stats import loglog_slope
 
 BAND = (0.9, 1.1)
@@ -33,11 +34,10 @@ STATEMENT = ("The infinite-width ReLU NTK at FGSM points moves linearly with the
              "r(eps) = ||Theta(X~,X~) - Theta(X,X)||_F / ||Theta(X,X)||_F has log-log slope in [0.9, 1.1].")
 
 
-@register("C7", "Adversarial NTK is Lipschitz in the attack radius", STATEMENT, "heuristic")
-def check_c7(scale: str = "quick", seed: int = 0, *, band: tuple[float, float] = BAND, **overrides) -> CheckResult:
+@register("C7", title="Adversarial NTK is Lipschitz in the attack radius", statement=STATEMENT, rigour="heuristic",
+          params=PARAMS)
+def check_c7(p: dict, seed: int, *, band: tuple[float, float] = BAND) -> Outcome:
     """Run C7. ``band`` replaces the accepted slope band (tests plant a quadratic claim)."""
-    p = dict(PARAMS[scale])
-    p.update(overrides)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(p["n_points"], p["d_in"], generator=g, dtype=torch.float64)
     y = torch.randn(p["n_points"], generator=g, dtype=torch.float64)
@@ -51,9 +51,8 @@ def check_c7(scale: str = "quick", seed: int = 0, *, band: tuple[float, float] =
         ratios.append(float((adv.k_adv_adv - clean).norm() / clean.norm()))
     slope = loglog_slope(p["eps"], ratios)
     passed = band[0] <= slope <= band[1]
-    return CheckResult(
-        id="C7", statement=STATEMENT, rigour="heuristic",
-        parameters=dict(p, sigma_b2=0.1, attack="FGSM linf on the kernel predictor (t = 10 N)", seed=seed),
+    return Outcome(
+        parameters=dict(sigma_b2=0.1, attack="FGSM linf on the kernel predictor (t = 10 N)", band=list(band)),
         measured=dict(slope=slope, r_at_max_eps=ratios[-1]),
         expected=dict(slope_band=list(band)),
         passed=bool(passed),

@@ -42,7 +42,8 @@ import math
 
 import numpy as np
 
-from ..registry import CheckResult, progress, register
+from ..common import progress_bar
+from ..registry import Outcome, register
 
 __all__ = ["subset_sums", "exact_gap", "check_c10", "C_MAX", "REFERENCE_MEDIANS"]
 
@@ -143,20 +144,20 @@ def _bootstrap_rate(ns, gaps, n_boot: int, seed: int, level: float = 0.95) -> tu
     return float(np.quantile(rates, a)), float(np.quantile(rates, 1 - a))
 
 
-@register("C10", "Random SubsetSum lemma: the gap decays like exp(-c n)", STATEMENT, "theorem")
-def check_c10(scale: str = "quick", seed: int = 0, *, support: tuple[float, float] = (-1.0, 1.0),
-              **overrides) -> CheckResult:
+@register("C10", title="Random SubsetSum lemma: the gap decays like exp(-c n)", statement=STATEMENT,
+          rigour="theorem", params=PARAMS)
+def check_c10(p: dict, seed: int, *, support: tuple[float, float] = (-1.0, 1.0)) -> Outcome:
     """Run C10. ``support`` replaces the law U[-1, 1] of the summands (tests plant U[0, 1])."""
-    p = dict(PARAMS[scale])
-    p.update(overrides)
     lo_s, hi_s = float(support[0]), float(support[1])
     ns = np.asarray(p["ns"], dtype=np.float64)
     eps = float(p["eps"])
     gaps = np.empty((len(p["ns"]), p["draws"]))
-    for i, n in enumerate(progress(p["ns"], "C10 sizes")):
-        rng = np.random.default_rng([seed, int(n)])
-        for r in range(p["draws"]):
-            gaps[i, r] = exact_gap(subset_sums(rng.uniform(lo_s, hi_s, int(n))))
+    with progress_bar(len(p["ns"]) * p["draws"], "C10 sizes x draws") as bar:
+        for i, n in enumerate(p["ns"]):
+            rng = np.random.default_rng([seed, int(n)])
+            for r in range(p["draws"]):
+                gaps[i, r] = exact_gap(subset_sums(rng.uniform(lo_s, hi_s, int(n))))
+                bar.update()
     icpt, rate = _rate_fit(ns, gaps)
     ci = _bootstrap_rate(ns, gaps, p["n_boot"], seed)
     med = np.median(gaps, axis=1)
@@ -170,9 +171,8 @@ def check_c10(scale: str = "quick", seed: int = 0, *, support: tuple[float, floa
     passed = rate > 0 and ci[0] > 0 and c_eps is not None and c_eps <= C_MAX
     ref = {n: dict(reference=v, measured=float(med[p["ns"].index(n)])) for n, v in REFERENCE_MEDIANS.items()
            if n in p["ns"]}
-    return CheckResult(
-        id="C10", statement=STATEMENT, rigour="theorem",
-        parameters=dict(p, support=[lo_s, hi_s], seed=seed, gap="exact sup over [-1, 1] (no grid)"),
+    return Outcome(
+        parameters=dict(support=[lo_s, hi_s], gap="exact sup over [-1, 1] (no grid)"),
         measured=dict(rate_c=rate, ci_c=list(ci), n_eps=n_eps, C_eps=c_eps, frac_draws_below_eps_at_n_eps=frac_below,
                       median_gap_at_max_n=float(med[-1]), rate_with_n32_correction=rate_corrected),
         expected=dict(rate_c="> 0, interval excluding 0", C_eps=f"<= {C_MAX:g}", eps=eps,

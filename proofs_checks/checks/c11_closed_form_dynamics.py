@@ -51,9 +51,8 @@ from ntk_theory.empirical import empirical_ntk
 from ntk_theory.infinite import mlp
 from ntk_theory.metrics import as_matrix
 
-from ..registry import CheckResult, register
-from .c01_ntk_concentration import sphere_inputs
-from .c05_lazy_training_stability import one_intra_op_thread
+from ..common import one_intra_op_thread, progress_bar, sphere_inputs
+from ..registry import Outcome, register
 
 EPS = torch.finfo(torch.float64).eps
 GD_RTOL = 1e-9          # (a), and the explicit-vs-explicit comparison of (c)
@@ -128,29 +127,29 @@ def _maxabs(t: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------- the check
-@register("C11", "Closed-form linearised dynamics = direct integration; NT normalisation", STATEMENT, "theorem")
-def check_c11(scale: str = "quick", seed: int = 0, *, lr_scale: float = 1.0, kernel_shift: float = 0.0,
-              rescale_c: float | None = None, **overrides) -> CheckResult:
+@register("C11", title="Closed-form linearised dynamics = direct integration; NT normalisation",
+          statement=STATEMENT, rigour="theorem", params=PARAMS)
+def check_c11(p: dict, seed: int, *, lr_scale: float = 1.0, kernel_shift: float = 0.0,
+              rescale_c: float | None = None) -> Outcome:
     """Run C11.
 
     Planted wrong ingredients for tests: ``lr_scale`` (the closed forms get ``lr·lr_scale``: a
     wrong time scale), ``kernel_shift`` (the closed forms get ``Θ + shift·λ_max·I``),
     ``rescale_c`` (the c used to rescale time in (c), default ``N·O``).
     """
-    with one_intra_op_thread():     # thousands of tiny ops (GD and RK4 loops): see C5
-        return _check_c11(scale, seed, lr_scale, kernel_shift, rescale_c, overrides)
+    # thousands of tiny ops (GD and RK4 loops): see C5; parts (a) 2 GD runs, (b) 3 RK4 rungs, (c)
+    with one_intra_op_thread(), progress_bar(6, "C11 parts") as bar:
+        return _check_c11(p, seed, lr_scale, kernel_shift, rescale_c, bar)
 
 
-def _check_c11(scale, seed, lr_scale, kernel_shift, rescale_c, overrides) -> CheckResult:
-    p = dict(PARAMS[scale])
-    p.update(overrides)
+def _check_c11(p, seed, lr_scale, kernel_shift, rescale_c, bar) -> Outcome:
     g = torch.Generator().manual_seed(seed)
     n, m, o = p["n_train"], p["n_test"], p["n_out"]
     x = sphere_inputs(n, p["d_in"], g)
     xt = sphere_inputs(m, p["d_in"], g)
     y = torch.randn(n, o, generator=g, dtype=torch.float64)
     kern = mlp(p["depth"], "relu", 2 ** 0.5, p["sigma_b"])
-    net = kern.finite((p["d_in"],), p["width"], out_features=o, generator=g)
+    net = kern.finite((p["d_in"],), width=p["width"], out_features=o, generator=g)
     with torch.no_grad():
         f0, f0t = net(x), net(xt)
     scale_s = max(_maxabs(f0), _maxabs(f0t), _maxabs(y))
@@ -180,6 +179,7 @@ def _check_c11(scale, seed, lr_scale, kernel_shift, rescale_c, overrides) -> Che
         tr, te = explicit_gd(lin, x, y, xt, lr, c, p["gd_steps"])
         dev = max(_maxabs(closed.f_train - tr), _maxabs(closed.f_test - te)) / scale_s
         gd[norm] = dict(c=c, lr=lr, dev=dev, train=tr, test=te, closed=closed)
+        bar.update()
     dev_a = max(gd["size"]["dev"], gd["none"]["dev"])
     pass_a = dev_a <= GD_RTOL
     oscillating = int((1 - gd["size"]["lr"] / gd["size"]["c"] * lam_emp < 0).sum())
@@ -202,6 +202,7 @@ def _check_c11(scale, seed, lr_scale, kernel_shift, rescale_c, overrides) -> Che
     for mult in (1, 2, 4):
         rungs.append(rk4_flow(k_inf, k_inf_tx, y, f0, f0t, a, times, sub0 * mult))
         hs.append(float(times[1]) / (sub0 * mult))
+        bar.update()
     closed_tr, closed_te = flow.f_train[:-1], flow.f_test[:-1]
     devs = [max(_maxabs(closed_tr - tr), _maxabs(closed_te - te)) for tr, te in rungs]
     diff_12 = max(_maxabs(rungs[0][0] - rungs[1][0]), _maxabs(rungs[0][1] - rungs[1][1]))
@@ -242,10 +243,10 @@ def _check_c11(scale, seed, lr_scale, kernel_shift, rescale_c, overrides) -> Che
     pass_c = (loss_scale(y, "size") == n * o and max(dev_flow_c, dev_gd_c, dev_tau) <= NORM_RTOL
               and dev_explicit_c <= GD_RTOL)
 
+    bar.update()
     passed = pass_a and pass_b and pass_c
-    return CheckResult(
-        id="C11", statement=STATEMENT, rigour="theorem",
-        parameters=dict(p, seed=seed, lr_scale=lr_scale, kernel_shift=kernel_shift, rescale_c=cc,
+    return Outcome(
+        parameters=dict(lr_scale=lr_scale, kernel_shift=kernel_shift, rescale_c=cc,
                         activation="relu", sigma_w=2 ** 0.5),
         measured=dict(a_gd_max_rel_dev=dev_a, b_flow_max_dev=devs[2], b_rk4_error_estimate=est,
                       b_convergence_ratio=ratio, b_t_inf_dev=dev_inf, c_flow_rel_dev=dev_flow_c,

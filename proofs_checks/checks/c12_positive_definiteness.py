@@ -66,9 +66,9 @@ from ntk_theory.adversarial import adversarial_ntk
 from ntk_theory.attacks import fgsm, pgd
 from ntk_theory.infinite import mlp
 
-from ..registry import CheckResult, progress, register
+from ..common import progress_bar, sphere_inputs
+from ..registry import Outcome, register
 from ..stats import loglog_slope
-from .c01_ntk_concentration import sphere_inputs
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 PARAMS = {
@@ -177,11 +177,16 @@ def generic_data(n: int, d: int, generator: torch.Generator):
 
 
 # ------------------------------------------------------------------------------------------- check
-@register("C12", "Positive definiteness of the limiting NTK (clean, clustered, adversarial)", STATEMENT, "theorem")
-def check_c12(scale: str = "quick", seed: int = 0, **overrides) -> CheckResult:
+@register("C12", title="Positive definiteness of the limiting NTK (clean, clustered, adversarial)",
+          statement=STATEMENT, rigour="theorem", params=PARAMS)
+def check_c12(p: dict, seed: int) -> Outcome:
     """Run C12. Overrides replace PARAMS entries; ``activations=["identity"]`` plants a polynomial activation."""
-    p = dict(PARAMS[scale])
-    p.update(overrides)
+    n_adv = len(p["adv_datasets"]) * len(p["activations"]) * len(p["adv_eps"])
+    with progress_bar(p["draws"] + len(p["clusters"]) + n_adv, "C12 draws, clusters, attacks") as bar:
+        return _check_c12(p, seed, bar)
+
+
+def _check_c12(p: dict, seed: int, bar) -> Outcome:
     margin = float(p["margin"])
     acts, depths = list(p["activations"]), list(p["depths"])
     kerns = {(a, L): mlp(L, a) for a in acts for L in depths}
@@ -194,13 +199,15 @@ def check_c12(scale: str = "quick", seed: int = 0, **overrides) -> CheckResult:
             lo, hi = _eig_ends(k(x, get="ntk"))
             clean_rows.append(dict(activation=a, depth=L, draw=r, lambda_min=lo, lambda_max=hi,
                                    margin=lo / (EPS64 * hi)))
+        bar.update()
     clean_ok = all(row["margin"] > margin for row in clean_rows)
 
     # 2. clustering ---------------------------------------------------------------------------
     cluster_rows, cluster_ok = [], True
     deltas = [float(v) for v in sorted(p["deltas"])]
     half = max(2, (len(deltas) + 1) // 2)
-    for ci, (n_c, d_c) in enumerate(progress(p["clusters"], "C12 clusters")):
+    for ci, (n_c, d_c) in enumerate(p["clusters"]):
+        bar.update()
         x0, w = cluster_shape(int(n_c), int(d_c), torch.Generator().manual_seed(seed * 7907 + ci))
         xs = [cluster_points(x0, w, dl) for dl in deltas]
         angles = [min_pairwise_angle(x) for x in xs]
@@ -233,6 +240,7 @@ def check_c12(scale: str = "quick", seed: int = 0, **overrides) -> CheckResult:
             k = mlp(p["adv_depth"], a)
             lam_c, _ = _eig_ends(k(x, get="ntk"))
             for eps in p["adv_eps"]:
+                bar.update()
                 for name in p["adv_attacks"]:
                     if name == "fgsm":
                         attack = lambda f, xx, yy, e=eps: fgsm(f, xx, yy, eps=e, loss="mse", clamp=None)
@@ -286,9 +294,8 @@ def check_c12(scale: str = "quick", seed: int = 0, **overrides) -> CheckResult:
     series = dict(x=first[0]["angles"], y={f"{r['activation']} L={r['depth']}": r["lambda_min"] for r in first},
                   xlabel="smallest pairwise angle delta (rad)", ylabel="lambda_min(Theta(X, X))", loglog=True,
                   reference_slope=first[0]["predicted_rate"]) if first else None
-    return CheckResult(
-        id="C12", statement=STATEMENT, rigour="theorem",
-        parameters=dict(p, sigma_w2=2.0, sigma_b=0.0, seed=seed,
+    return Outcome(
+        parameters=dict(sigma_w2=2.0, sigma_b=0.0,
                         attack="linf, MSE, no box, on KernelRegressor(t=inf, diag_reg=1e-6)"),
         measured=measured, expected=expected, passed=bool(passed),
         details=dict(clean=clean_rows, cluster=cluster_rows, adversarial=adv_rows,
