@@ -23,6 +23,9 @@ __all__ = [
     "check_int",
     "check_device",
     "as_generator",
+    "module_dtype_device",
+    "cast_like_model",
+    "check_deterministic_forward",
 ]
 
 
@@ -180,3 +183,55 @@ def as_generator(generator: Any, name: str = "generator", device: Any = "cpu") -
             raise ValueError(f"{name}: got seed {generator}; a seed must be a non-negative integer")
         return torch.Generator(device=torch.device(device)).manual_seed(int(generator))
     raise TypeError(f"{name}: expected a torch.Generator, an int seed or None, got {type(generator).__name__}")
+
+
+def module_dtype_device(f: Any) -> tuple[torch.dtype | None, torch.device | None]:
+    """The floating dtype and the device of a model: those of its first floating parameter, else of
+    its first floating buffer; ``(None, None)`` for a callable that is not an ``nn.Module`` or holds
+    no floating tensor (a closure: its inputs are used as they come)."""
+    if not isinstance(f, torch.nn.Module):
+        return None, None
+    for t in f.parameters():
+        if t.is_floating_point():
+            return t.dtype, t.device
+    for t in f.buffers():
+        if t.is_floating_point():
+            return t.dtype, t.device
+    return None, None
+
+
+def cast_like_model(x: Any, name: str, f: Any) -> torch.Tensor:
+    """awt's dtype/device rule at a public boundary that feeds a model.
+
+    ``x`` (tensor, numpy array or nested sequence) is converted to a tensor; complex values are
+    refused (``TypeError``: the imaginary part would be dropped), integer and boolean ones too
+    (``TypeError``: inputs are real floating point); a floating ``x`` is then cast to the dtype
+    and moved to the device of the model ``f`` (:func:`module_dtype_device`), so that float64 or
+    numpy inputs on a float32 model work, as they do in ``empirical_ntk``. For a callable that is
+    not a module (a closure) ``x`` keeps its dtype and device.
+    """
+    t = check_real(as_tensor(x, name), name)
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+    dtype, device = module_dtype_device(f)
+    if dtype is not None and (t.dtype != dtype or t.device != device):
+        t = t.to(device=device, dtype=dtype)
+    return t
+
+
+def check_deterministic_forward(model: torch.nn.Module, name: str = "model") -> torch.nn.Module:
+    """Refuse a model whose forward is random or couples the examples of a batch.
+
+    ``ValueError`` naming ``name`` for a BatchNorm layer in training mode (batch statistics couple
+    the examples and its running statistics would be updated) and for dropout with ``p > 0`` in
+    training mode (two forwards differ: such a model has no NTK and no linearisation). The rule of
+    ``empirical_ntk`` and ``linearize``: call ``model.eval()`` first.
+    """
+    for mname, m in model.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(f"{name}: {type(m).__name__} {mname!r} is in training mode (batch statistics couple the "
+                             "examples and its running statistics would be updated); call model.eval() first")
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0:
+            raise ValueError(f"{name}: {type(m).__name__} {mname!r} is in training mode with p = {m.p} (a random "
+                             "forward has no NTK); call model.eval() first")
+    return model

@@ -1,4 +1,4 @@
-"""Linearised training dynamics under MSE in closed form (Jacot et al. 2018; Lee et al. 2019; THEORY.md §B.4).
+"""Linearised training dynamics under MSE in closed form (Jacot et al. 2018; Lee et al. 2019; docs/theory.md §B.4).
 
 Loss convention (the one used by every function of this module, and by awt's
 training code). For training inputs ``X`` (``N`` points) and targets ``Y``
@@ -40,14 +40,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ._checks import as_tensor, check_choice, check_finite, check_nonnegative, check_positive, check_rank, check_real
+from ._checks import (as_tensor, check_choice, check_deterministic_forward, check_finite, check_nonnegative,
+                      check_positive, check_rank, check_real)
+from .io import Result
+from .masks import validate_params
 
 __all__ = [
     "NORMALIZATIONS",
@@ -73,14 +76,8 @@ def loss_scale(y, normalization: str = "size") -> float:
 
 
 # --------------------------------------------------------------------------------------------- results
-def _to_py(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().cpu().tolist()
-    return v
-
-
-@dataclass
-class FlowResult:
+@dataclass(frozen=True)
+class FlowResult(Result):
     """Outputs of the linearised model along training.
 
     Attributes:
@@ -90,6 +87,8 @@ class FlowResult:
         f_test: ``(T, M, *y.shape[1:])`` test outputs, or ``None``.
         loss_train: ``(T,)`` training loss ``(1/(2c)) ||f_train - Y||_F^2``.
         lr, c, normalization: the convention used.
+
+    A frozen :class:`ntk_theory.io.Result`: ``to_dict()`` gives the fields as nested lists.
     """
 
     t: torch.Tensor
@@ -101,12 +100,9 @@ class FlowResult:
     c: float
     normalization: str
 
-    def to_dict(self) -> dict:
-        return {k: _to_py(getattr(self, k)) for k in self.__dataclass_fields__}
 
-
-@dataclass
-class GaussianMoments:
+@dataclass(frozen=True)
+class GaussianMoments(Result):
     """Mean and covariance of the infinite-width output distribution along training (Lee et al. 2019, eqs. 15-16).
 
     Attributes:
@@ -114,6 +110,9 @@ class GaussianMoments:
         mean: ``(T, M, *y.shape[1:])`` mean ``μ_t(x)``.
         cov: ``(T, M, M)`` covariance ``Σ_t(x, x')``, the same for every output
             (outputs are independent at infinite width).
+        lr, c, normalization: the convention used.
+
+    A frozen :class:`ntk_theory.io.Result`: ``to_dict()`` gives the fields as nested lists.
     """
 
     t: torch.Tensor
@@ -123,9 +122,6 @@ class GaussianMoments:
     lr: float
     c: float
     normalization: str
-
-    def to_dict(self) -> dict:
-        return {k: _to_py(getattr(self, k)) for k in self.__dataclass_fields__}
 
 
 # --------------------------------------------------------------------------------------------- validation
@@ -278,7 +274,32 @@ def _run(spec: _Spectral, taus: torch.Tensor, decay: torch.Tensor, phi: torch.Te
     return res, test
 
 
-def _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg, psd_rtol):
+@dataclass(frozen=True)
+class _Problem:
+    """A validated linear-dynamics problem (what :func:`_prepare` hands to the solvers).
+
+    ``spec``: the eigendecomposition of ``Θ(X, X) + diag_reg·I``; ``r0``: the initial residual
+    ``f_0(X) - Y``, ``(N, O)`` (or ``(N·O, 1)`` for a multi-output kernel); ``y2``: ``Y`` as
+    ``(N, O)`` float64 and ``y_orig`` as given; ``kx``: ``Θ(x, X)`` flattened to float64 (or
+    None), ``m`` its number of test points, ``f0t`` the test outputs at initialisation in
+    ``r0``'s layout; ``c``, ``lr``, ``normalization``: the loss convention; ``out_dtype``: the
+    dtype of the results (the inputs' promoted floating dtype).
+    """
+
+    spec: "_Spectral"
+    r0: torch.Tensor
+    y2: torch.Tensor
+    y_orig: torch.Tensor
+    kx: torch.Tensor | None
+    m: int | None
+    f0t: torch.Tensor | None
+    c: float
+    lr: float
+    out_dtype: torch.dtype
+    normalization: str
+
+
+def _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg, psd_rtol) -> _Problem:
     kt_orig, flat = _flat_kernel(k_train, "k_train")
     if kt_orig.shape[0] != kt_orig.shape[1]:
         raise ValueError(f"k_train: expected a square kernel (N, N) or (N, N, O, O), got {tuple(kt_orig.shape)}")
@@ -332,30 +353,30 @@ def _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg,
     else:
         r0 = f0_2 - y2
         f0t_flat = f0t_2
-    return dict(spec=spec, r0=r0, y2=y2, y_orig=y_orig, kx=kx, m=m, f0t=f0t_flat, c=c, lr=lr,
-                out_dtype=out_dtype, normalization=normalization)
+    return _Problem(spec=spec, r0=r0, y2=y2, y_orig=y_orig, kx=kx, m=m, f0t=f0t_flat, c=c, lr=lr,
+                    out_dtype=out_dtype, normalization=normalization)
 
 
-def _finish(p, t, tau, decay, phi) -> FlowResult:
+def _finish(p: _Problem, t, tau, decay, phi) -> FlowResult:
     inf_rows = torch.isinf(tau)
-    res, test = _run(p["spec"], tau, decay, phi, p["r0"], p["kx"], inf_rows)
+    res, test = _run(p.spec, tau, decay, phi, p.r0, p.kx, inf_rows)
     T = tau.shape[0]
-    y2, y_orig = p["y2"], p["y_orig"]
+    y2, y_orig = p.y2, p.y_orig
     res = res.reshape(T, *y2.shape)
     f_train = y2[None] + res
-    loss = 0.5 * res.pow(2).sum(dim=(1, 2)) / p["c"]
+    loss = 0.5 * res.pow(2).sum(dim=(1, 2)) / p.c
     f_test = None
     if test is not None:
-        f_test = (p["f0t"][None] - test).reshape(T, p["m"], *y_orig.shape[1:])
-        f_test = f_test.to(p["out_dtype"])
-    return FlowResult(t=t, tau=tau, f_train=f_train.reshape(T, *y_orig.shape).to(p["out_dtype"]), f_test=f_test,
-                      loss_train=loss.to(p["out_dtype"]), lr=p["lr"], c=p["c"], normalization=p["normalization"])
+        f_test = (p.f0t[None] - test).reshape(T, p.m, *y_orig.shape[1:])
+        f_test = f_test.to(p.out_dtype)
+    return FlowResult(t=t, tau=tau, f_train=f_train.reshape(T, *y_orig.shape).to(p.out_dtype), f_test=f_test,
+                      loss_train=loss.to(p.out_dtype), lr=p.lr, c=p.c, normalization=p.normalization)
 
 
 # --------------------------------------------------------------------------------------------- public API
 def gradient_flow_mse(k_train, y, t, *, f0=None, k_test_train=None, f0_test=None, lr: float = 1.0,
                       normalization: str = "size", diag_reg: float = 0.0, psd_rtol: float | None = None) -> FlowResult:
-    """Closed-form gradient flow of the linearised model on the MSE loss (module docstring; THEORY.md §B.4).
+    """Closed-form gradient flow of the linearised model on the MSE loss (module docstring; docs/theory.md §B.4).
 
     ``f_τ(X) = Y + e^{-Θτ}(f_0(X) - Y)``, ``f_τ(x) = f_0(x) - Θ(x,X) Θ^{-1}(I - e^{-Θτ})(f_0(X) - Y)``,
     ``τ = lr·t/c``.
@@ -378,15 +399,15 @@ def gradient_flow_mse(k_train, y, t, *, f0=None, k_test_train=None, f0_test=None
     """
     p = _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg, psd_rtol)
     tt = _times(t, "t")
-    tau = tt * (p["lr"] / p["c"])
-    decay, phi = p["spec"].flow_factors(tau)
+    tau = tt * (p.lr / p.c)
+    decay, phi = p.spec.flow_factors(tau)
     return _finish(p, tt, tau, decay, phi)
 
 
 def gradient_descent_mse(k_train, y, steps, *, f0=None, k_test_train=None, f0_test=None, lr: float = 1.0,
                          normalization: str = "size", diag_reg: float = 0.0,
                          psd_rtol: float | None = None) -> FlowResult:
-    """Closed-form full-batch gradient descent on the linearised model (module docstring; THEORY.md §B.4).
+    """Closed-form full-batch gradient descent on the linearised model (module docstring; docs/theory.md §B.4).
 
     After ``k`` steps of ``θ <- θ - lr ∇L``: ``f_k(X) = Y + (I - aΘ)^k (f_0(X) - Y)``,
     ``f_k(x) = f_0(x) - Θ(x,X) Θ^{-1}(I - (I - aΘ)^k)(f_0(X) - Y)``, ``a = lr/c``.
@@ -397,8 +418,8 @@ def gradient_descent_mse(k_train, y, steps, *, f0=None, k_test_train=None, f0_te
     """
     p = _prepare(k_train, y, f0, k_test_train, f0_test, lr, normalization, diag_reg, psd_rtol)
     kk = _times(steps, "steps", integer=True)
-    a = p["lr"] / p["c"]
-    decay, phi = p["spec"].gd_factors(kk, a)
+    a = p.lr / p.c
+    decay, phi = p.spec.gd_factors(kk, a)
     return _finish(p, kk, kk * a, decay, phi)
 
 
@@ -408,7 +429,7 @@ def infinite_width_moments(nngp_train, ntk_train, y, t, *, nngp_test_train=None,
     """Mean and covariance of the infinite-width network's outputs after gradient flow for time ``t``.
 
     With ``f_0 ~ GP(0, K)`` (NNGP ``K``) and the deterministic NTK ``Θ`` (Lee et al. 2019, eqs. 15-16;
-    THEORY.md §B.4), ``A_τ(x) = Θ(x,X) Θ^{-1}(I - e^{-Θτ})``, ``τ = lr·t/c``::
+    docs/theory.md §B.4), ``A_τ(x) = Θ(x,X) Θ^{-1}(I - e^{-Θτ})``, ``τ = lr·t/c``::
 
         μ_t(x)    = A_τ(x) Y
         Σ_t(x,x') = K(x,x') + A_τ(x) K(X,X) A_τ(x')^T - A_τ(x) K(X,x') - K(x,X) A_τ(x')^T
@@ -431,39 +452,39 @@ def infinite_width_moments(nngp_train, ntk_train, y, t, *, nngp_test_train=None,
         raise ValueError("nngp_test_train: nngp_test_train, ntk_test_train and nngp_test must be given together")
     p = _prepare(ntk_train, y, None, ntk_test_train if all(given) else None, None, lr, normalization, diag_reg,
                  psd_rtol)
-    spec = p["spec"]
+    spec = p.spec
     if spec.n != n or k_orig.dim() != 2 or k_orig.shape[1] != n:
         raise ValueError(f"nngp_train: expected shape ({spec.n}, {spec.n}) like ntk_train, got {tuple(k_orig.shape)}")
     _check_psd(k_flat, "nngp_train", _psd_rtol(n, k_orig.dtype, psd_rtol))
     k_xx = 0.5 * (k_flat + k_flat.mT)
     if all(given):
         _, kxX = _flat_kernel(nngp_test_train, "nngp_test_train", rank4_ok=False)
-        if kxX.shape != (p["m"], n):
-            raise ValueError(f"nngp_test_train: expected shape ({p['m']}, {n}), got {tuple(kxX.shape)}")
+        if kxX.shape != (p.m, n):
+            raise ValueError(f"nngp_test_train: expected shape ({p.m}, {n}), got {tuple(kxX.shape)}")
         kt_orig, kxx = _flat_kernel(nngp_test, "nngp_test", rank4_ok=False)
-        if kxx.shape != (p["m"], p["m"]):
-            raise ValueError(f"nngp_test: expected shape ({p['m']}, {p['m']}), got {tuple(kxx.shape)}")
-        _check_psd(kxx, "nngp_test", _psd_rtol(p["m"], kt_orig.dtype, psd_rtol))
+        if kxx.shape != (p.m, p.m):
+            raise ValueError(f"nngp_test: expected shape ({p.m}, {p.m}), got {tuple(kxx.shape)}")
+        _check_psd(kxx, "nngp_test", _psd_rtol(p.m, kt_orig.dtype, psd_rtol))
         kxx = 0.5 * (kxx + kxx.mT)
-        thxX = p["kx"]
+        thxX = p.kx
     else:
         kxX, kxx, thxX = k_xx, k_xx, spec.flat
     tt = _times(t, "t")
-    tau = tt * (p["lr"] / p["c"])
+    tau = tt * (p.lr / p.c)
     _, phi = spec.flow_factors(tau)
     # A_t^T = Φ_t Θ(X, x): (T, N, M)
     a_t = spec.apply(phi, thxX.mT).transpose(1, 2)  # (T, M, N)
     inf_rows = torch.isinf(tau)
     if bool(inf_rows.any()) and spec.chol() is not None:
         a_t[inf_rows] = torch.cholesky_solve(thxX.mT, spec.chol()).mT[None]
-    mean = a_t @ p["y2"]
+    mean = a_t @ p.y2
     akx = a_t @ kxX.mT  # A K(X, x')
     cov = kxx[None] + (a_t @ k_xx) @ a_t.transpose(1, 2) - akx - akx.transpose(1, 2)
     cov = 0.5 * (cov + cov.transpose(1, 2))
     m = a_t.shape[1]
-    mean = mean.reshape(tau.shape[0], m, *p["y_orig"].shape[1:]).to(p["out_dtype"])
-    return GaussianMoments(t=tt, tau=tau, mean=mean, cov=cov.to(p["out_dtype"]), lr=p["lr"], c=p["c"],
-                           normalization=p["normalization"])
+    mean = mean.reshape(tau.shape[0], m, *p.y_orig.shape[1:]).to(p.out_dtype)
+    return GaussianMoments(t=tt, tau=tau, mean=mean, cov=cov.to(p.out_dtype), lr=p.lr, c=p.c,
+                           normalization=p.normalization)
 
 
 # --------------------------------------------------------------------------------------------- C6 bound
@@ -500,7 +521,7 @@ def expm_gap(a, b, tau) -> torch.Tensor:
 
 
 def expm_gap_bound(a, b, tau=None) -> torch.Tensor:
-    """Bound C6 (THEORY.md §C) on ``||e^{-Aτ} - e^{-Bτ}||_2`` for symmetric PSD ``A``, ``B``.
+    """Bound C6 (docs/theory.md §C) on ``||e^{-Aτ} - e^{-Bτ}||_2`` for symmetric PSD ``A``, ``B``.
 
     From ``e^{-Aτ} - e^{-Bτ} = -∫_0^τ e^{-A(τ-s)} (A - B) e^{-Bs} ds``: with
     ``λ = min(λ_min(A), λ_min(B))``, the gap is at most ``||A - B||_2 · τ e^{-λτ}``
@@ -525,7 +546,7 @@ def expm_gap_bound(a, b, tau=None) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------- linearisation
 class LinearizedModel(nn.Module):
-    """First-order Taylor model ``f^lin_θ(x) = f(θ_0; x) + J_θ f(θ_0; x) (θ - θ_0)`` of a network (THEORY.md §B.4).
+    """First-order Taylor model ``f^lin_θ(x) = f(θ_0; x) + J_θ f(θ_0; x) (θ - θ_0)`` of a network (docs/theory.md §B.4).
 
     The Jacobian-vector product comes from ``torch.func.jvp`` through
     ``torch.func.functional_call``; no Jacobian is materialised. The module's
@@ -535,37 +556,35 @@ class LinearizedModel(nn.Module):
     and in ``x`` (so attacks work on it). Parameters of the base model with
     ``requires_grad=False`` and its buffers are frozen at their values at
     construction. The base model is used only through ``functional_call`` with
-    these tensors: it is never modified, and it is not a submodule (its
-    ``train``/``eval`` mode at call time is the one used; prefer ``eval`` for
-    models with BatchNorm or dropout).
+    these tensors: it is never modified, and it is not a submodule.
+
+    A model whose forward is random or couples the examples is refused with a ``ValueError``
+    naming ``model`` (dropout with ``p > 0`` or BatchNorm in training mode: two forwards differ,
+    so there is no Taylor model), as :func:`ntk_theory.empirical.empirical_ntk` refuses it; call
+    ``model.eval()`` first. ``params`` maps parameter names (raw ``named_parameters()`` names or,
+    on a masked model, canonical ones such as ``"2.weight"``) to values; they are cast to the
+    model parameter's dtype and device (awt's dtype rule).
     """
 
-    def __init__(self, model: nn.Module, params0: Mapping[str, torch.Tensor] | None = None):
+    def __init__(self, model: nn.Module, params: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        check_deterministic_forward(model, "model")
         named = dict(model.named_parameters())
-        params0 = {} if params0 is None else dict(params0)
-        unknown = sorted(set(params0) - set(named))
-        if unknown:
-            raise ValueError(f"params0: unknown parameter name(s) {unknown}; the model has {sorted(named)}")
-        for k, v in params0.items():
-            v = check_finite(as_tensor(v, f"params0[{k!r}]"), f"params0[{k!r}]")
-            if v.shape != named[k].shape:
-                raise ValueError(f"params0[{k!r}]: shape {tuple(v.shape)} does not match the model's "
-                                 f"{tuple(named[k].shape)}")
-            params0[k] = v
+        params = {} if params is None else validate_params(model, params, "params")
         self._model = (model,)  # a tuple, so that it is not registered as a submodule
         self.param_names = [k for k, p in named.items() if p.requires_grad]
         self.frozen_names = [k for k, p in named.items() if not p.requires_grad]
         self.buffer_names = [k for k, _ in model.named_buffers()]
         self.theta = nn.ParameterList()
         for i, k in enumerate(self.param_names):
-            v = params0.get(k, named[k]).detach().clone().to(named[k].dtype)
+            v = params.get(k, named[k]).detach().clone().to(dtype=named[k].dtype, device=named[k].device)
             self.register_buffer(f"_theta0_{i}", v.clone())
             self.theta.append(nn.Parameter(v))
         for i, k in enumerate(self.frozen_names):
-            self.register_buffer(f"_frozen_{i}", params0.get(k, named[k]).detach().clone())
+            v = params.get(k, named[k]).detach().clone().to(dtype=named[k].dtype, device=named[k].device)
+            self.register_buffer(f"_frozen_{i}", v)
         for i, (k, b) in enumerate(model.named_buffers()):
             self.register_buffer(f"_buffer_{i}", b.detach().clone())
 
@@ -574,7 +593,7 @@ class LinearizedModel(nn.Module):
         return self._model[0]
 
     @property
-    def params0(self) -> dict[str, torch.Tensor]:
+    def theta0(self) -> dict[str, torch.Tensor]:
         """``θ_0`` by the base model's parameter names."""
         return {k: getattr(self, f"_theta0_{i}") for i, k in enumerate(self.param_names)}
 
@@ -584,7 +603,7 @@ class LinearizedModel(nn.Module):
 
     def delta(self) -> dict[str, torch.Tensor]:
         """``θ - θ_0`` by parameter name (differentiable in ``θ``)."""
-        return {k: p - p0 for (k, p), p0 in zip(self.named_linear_parameters().items(), self.params0.values())}
+        return {k: p - p0 for (k, p), p0 in zip(self.named_linear_parameters().items(), self.theta0.values())}
 
     def _constants(self) -> dict[str, torch.Tensor]:
         c = {k: getattr(self, f"_frozen_{i}") for i, k in enumerate(self.frozen_names)}
@@ -593,7 +612,7 @@ class LinearizedModel(nn.Module):
 
     def f0(self, x: torch.Tensor) -> torch.Tensor:
         """``f(θ_0; x)``."""
-        return functional_call(self.base_model, {**self.params0, **self._constants()}, (x,))
+        return functional_call(self.base_model, {**self.theta0, **self._constants()}, (x,))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         consts = self._constants()
@@ -601,20 +620,22 @@ class LinearizedModel(nn.Module):
         def fn(p):
             return functional_call(self.base_model, {**p, **consts}, (x,))
 
-        out, tangent = jvp(fn, (self.params0,), (self.delta(),))
+        out, tangent = jvp(fn, (self.theta0,), (self.delta(),))
         return out + tangent
 
     @torch.no_grad()
     def reset(self) -> None:
         """Set ``θ = θ_0``."""
-        for p, p0 in zip(self.theta, self.params0.values()):
+        for p, p0 in zip(self.theta, self.theta0.values()):
             p.copy_(p0)
 
 
-def linearize(model: nn.Module, params0: Mapping[str, torch.Tensor] | None = None) -> LinearizedModel:
-    """The linearisation ``f_0 + J_0 (θ - θ_0)`` of ``model`` at ``params0`` (default: its current parameters).
+def linearize(model: nn.Module, params: Mapping[str, torch.Tensor] | None = None) -> LinearizedModel:
+    """The linearisation ``f_0 + J_0 (θ - θ_0)`` of ``model`` at ``θ_0 = params`` (default: its current parameters).
 
-    ``params0`` maps parameter names (``model.named_parameters()``) to values;
-    missing names take the model's current values (copied). See :class:`LinearizedModel`.
+    ``params`` maps parameter names (``model.named_parameters()``, or canonical names such as
+    ``"2.weight"`` on a masked model, as in ``empirical_ntk(params=)``) to values; missing names
+    take the model's current values (copied). Dropout (``p > 0``) or BatchNorm in training mode is
+    refused (``ValueError``). See :class:`LinearizedModel`.
     """
-    return LinearizedModel(model, params0)
+    return LinearizedModel(model, params)

@@ -1,4 +1,4 @@
-"""Kernel and dynamics comparison metrics (THEORY.md §B.6, §C).
+"""Kernel and dynamics comparison metrics (docs/theory.md §B.6, §C).
 
 Kernels are ``(N1, N2)`` matrices or ``(N1, N2, O, O)`` multi-output kernels
 ``K[i, j, a, b] = <df_a(x_i)/dθ, df_b(x_j)/dθ>``; the latter are flattened to the
@@ -6,7 +6,8 @@ Kernels are ``(N1, N2)`` matrices or ``(N1, N2, O, O)`` multi-output kernels
 the layout of neural-tangents' ``trace_axes=()`` kernels reshaped as in Tsilivis &
 Kempe's code). Every metric returns a 0-dim tensor in the (promoted) input
 dtype; the ones built from norms and inner products are differentiable, so they
-can serve as losses (e.g. an NTK-matching objective). Numpy arrays are accepted.
+can serve as losses (e.g. an NTK-matching objective). Numpy arrays are accepted;
+complex inputs are refused (``TypeError``: their imaginary part would be dropped).
 
 Norms: ``||A||_F`` Frobenius, ``||A||_2`` spectral (largest singular value),
 ``<A, B> = sum_ij A_ij B_ij``.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import as_tensor, check_finite, check_int, check_rank
+from ._checks import as_tensor, check_finite, check_int, check_rank, check_real
 
 __all__ = [
     "as_matrix",
@@ -32,7 +33,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------- helpers
 def _kernel(k, name: str, square: bool = False) -> torch.Tensor:
-    k = as_tensor(k, name)
+    k = check_real(as_tensor(k, name), name)
     if not k.is_floating_point():
         k = k.to(torch.float64)
     check_rank(k, name, (2, 4), "a kernel (N1, N2) or (N1, N2, O, O)")
@@ -86,12 +87,12 @@ def _symmetric(k: torch.Tensor, name: str, rtol: float | None = None) -> torch.T
 
 # --------------------------------------------------------------------------------------------- distances
 def relative_frobenius(a, b) -> torch.Tensor:
-    """``r(A, B) = ||A - B||_F / ||B||_F`` (THEORY.md §C), any two tensors of the same shape.
+    """``r(A, B) = ||A - B||_F / ||B||_F`` (docs/theory.md §C), any two tensors of the same shape.
 
     Not symmetric: ``B`` is the reference. Raises if ``||B||_F = 0``.
     """
-    a = as_tensor(a, "a")
-    b = as_tensor(b, "b")
+    a = check_real(as_tensor(a, "a"), "a")
+    b = check_real(as_tensor(b, "b"), "b")
     if a.shape != b.shape:
         raise ValueError(f"b: shape {tuple(b.shape)} does not match a's {tuple(a.shape)}")
     check_finite(a, "a")
@@ -154,7 +155,7 @@ def cka(k1, k2) -> torch.Tensor:
 def operator_norm_distance(k1, k2, *, relative: bool = False) -> torch.Tensor:
     """``||K1 - K2||_2`` (largest singular value); with ``relative``, divided by ``||K2||_2``.
 
-    This is the quantity in the dynamics perturbation bound C6 (THEORY.md §C):
+    This is the quantity in the dynamics perturbation bound C6 (docs/theory.md §C):
     ``sup_τ ||e^{-K1 τ} - e^{-K2 τ}||_2 <= ||K1 - K2||_2 / (e·λ)``.
     """
     a, b = _pair(k1, k2)
@@ -189,7 +190,7 @@ def condition_number(kernel) -> torch.Tensor:
     """2-norm condition number ``σ_max / σ_min`` (``λ_max/λ_min`` for a PSD kernel), as ``numpy.linalg.cond``.
 
     ``inf`` for a singular kernel (``σ_min = 0``). Report it next to any solve
-    with an adversarial kernel, whose points cluster (THEORY.md §E.6).
+    with an adversarial kernel, whose points cluster (docs/theory.md §E.6).
     """
     mat = as_matrix(_kernel(kernel, "kernel", square=True))
     s = torch.linalg.svdvals(mat)
@@ -207,8 +208,8 @@ def trajectory_distance(traj1, traj2, *, relative: bool = False) -> torch.Tensor
     outputs ``(T, N, O)`` of :func:`ntk_theory.dynamics.gradient_flow_mse` and of a
     trained network. With ``relative``, divided by ``sup_t ||F2(t)||``.
     """
-    a = as_tensor(traj1, "traj1")
-    b = as_tensor(traj2, "traj2")
+    a = check_real(as_tensor(traj1, "traj1"), "traj1")
+    b = check_real(as_tensor(traj2, "traj2"), "traj2")
     if a.dim() < 1 or a.shape[0] == 0:
         raise ValueError(f"traj1: expected a trajectory (T, ...) with T >= 1, got shape {tuple(a.shape)}")
     if a.shape != b.shape:

@@ -24,7 +24,7 @@ from ntk_theory.dynamics import (
     loss_scale,
 )
 from ntk_theory.layers import finite_cnn, finite_mlp
-from ntk_theory.masks import apply_mask, random_mask
+from ntk_theory.masks import apply_mask, random_mask, raw_name
 
 DT = torch.float64
 
@@ -510,17 +510,19 @@ def test_linearize_is_first_order_taylor_and_leaves_model_alone():
     torch.testing.assert_close(gx, gm)
 
 
-def test_linearize_params0_and_validation():
+def test_linearize_params_and_validation():
     g = torch.Generator().manual_seed(12)
     model = finite_mlp(2, 8, 1, generator=g)
     other = finite_mlp(2, 8, 1, generator=g)
     lin = linearize(model, dict(other.named_parameters()))
     x = torch.randn(4, 2, generator=g, dtype=DT)
     torch.testing.assert_close(lin(x), other(x))
-    with pytest.raises(ValueError, match="params0"):
+    with pytest.raises(ValueError, match="params"):
         linearize(model, {"nope": torch.zeros(1)})
-    with pytest.raises(ValueError, match="params0"):
+    with pytest.raises(ValueError, match="params"):
         linearize(model, {"0.weight": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="params"):
+        linearize(model, {"0.weight": torch.zeros(8, 2, dtype=torch.complex128)})
     with pytest.raises(TypeError, match="model"):
         linearize(lambda z: z)
 
@@ -604,11 +606,6 @@ def _gd_loop_rv(k, kx, y, f0, f0x, a, steps):
 
 def _mlp_rv(seed=0, sigma_b=0.1, width=12, out=3):
     return finite_mlp(4, width, 2, out, sigma_b=sigma_b, generator=torch.Generator().manual_seed(seed))
-
-
-def _raw_name_rv(canonical):
-    prefix, _, tensor = canonical.rpartition(".")
-    return f"{prefix}.parametrizations.{tensor}.original" if prefix else f"parametrizations.{tensor}.original"
 
 
 @given(n=st.integers(1, 6), m=st.integers(1, 3), o=st.integers(1, 3), seed=st.integers(0, 10_000),
@@ -871,14 +868,64 @@ def test_linearized_masked_model_respects_the_mask_and_round_trips():
     lin(x).pow(2).sum().backward()
     named = lin.named_linear_parameters()
     for k, mk in m.items():
-        assert bool((named[_raw_name_rv(k)].grad[~mk] == 0).all())
+        assert bool((named[raw_name(k)].grad[~mk] == 0).all())
     twin = linearize(apply_mask(_mlp_rv(7), m, rescale=True))
     twin.load_state_dict(copy.deepcopy(lin).state_dict())
     torch.testing.assert_close(twin(x), lin(x))
 
 
-def test_linearize_rejects_non_finite_params0():
-    # Was: params0 is checked for names and shapes but not finiteness; NaN/inf θ_0 give NaN outputs silently
+def test_linearize_rejects_non_finite_params():
+    # Was: params0 (now params) is checked for names and shapes but not finiteness; NaN/inf θ_0 give NaN outputs silently
     model = _mlp_rv(0)
-    with pytest.raises(ValueError, match="params0"):
+    with pytest.raises(ValueError, match="params"):
         linearize(model, {"0.weight": torch.full((12, 4), math.nan, dtype=D)})
+
+
+def test_linearize_takes_canonical_names_on_a_masked_model():
+    # Was: empirical_ntk(masked, params={"2.weight": w}) worked while linearize(masked, params0={"2.weight": w})
+    # raised "unknown parameter name": one parameter-dict validation (masks.validate_params) for both
+    model = _mlp_rv(3)
+    m = random_mask(model, 0.5, generator=1)
+    apply_mask(model, m, rescale=False)
+    name = sorted(m)[-1]
+    w = torch.randn(dict(model.named_parameters())[raw_name(name)].shape, dtype=D,
+                    generator=torch.Generator().manual_seed(5))
+    lin = linearize(model, {name: w})
+    torch.testing.assert_close(lin.theta0[raw_name(name)], w)
+    x = torch.randn(3, 4, dtype=D, generator=torch.Generator().manual_seed(6))
+    ref = functional_call(model, {raw_name(name): w}, (x,))
+    torch.testing.assert_close(lin(x), ref, rtol=1e-13, atol=1e-13)
+    # float32 values on a float64 model are cast to the parameter's dtype (the dtype rule)
+    lin32 = linearize(model, {name: w.float()})
+    assert lin32.theta0[raw_name(name)].dtype == D
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(12, dtype=D)])
+def test_linearize_refuses_random_or_coupled_forwards_in_training_mode(layer):
+    # Was: linearize accepted a model with dropout in training mode (two forwards differ) while empirical_ntk
+    # refused it; the "linearisation" then mixed two random masks in one jvp
+    model = torch.nn.Sequential(torch.nn.Linear(4, 12, dtype=D), layer, torch.nn.ReLU(), torch.nn.Linear(12, 1, dtype=D))
+    model.train()
+    with pytest.raises(ValueError, match="model: .*training mode.*eval"):
+        linearize(model)
+    lin = linearize(model.eval())   # fine once in eval mode
+    x = torch.randn(5, 4, dtype=D, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lin(x), model(x).detach())
+    linearize(torch.nn.Sequential(torch.nn.Linear(2, 1), torch.nn.Dropout(0.0)).train())  # p = 0 is deterministic
+
+
+def test_flow_results_are_frozen_io_results():
+    from dataclasses import FrozenInstanceError
+
+    from ntk_theory.io import Result
+    k = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=D)
+    y = torch.tensor([1.0, -1.0], dtype=D)
+    res = gradient_flow_mse(k, y, [0.0, 1.0])
+    mom = infinite_width_moments(k, k, y, [1.0])
+    for r in (res, mom):
+        assert isinstance(r, Result)
+        with pytest.raises(FrozenInstanceError):
+            r.lr = 2.0
+    d = res.to_dict()
+    assert d["f_train"] == res.f_train.tolist() and d["lr"] == 1.0 and d["f_test"] is None
+    assert mom.to_dict()["cov"] == mom.cov.tolist()

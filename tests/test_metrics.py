@@ -285,3 +285,21 @@ def test_scale_invariant_metrics_survive_large_and_small_magnitudes(scale, dtype
 def test_metric_validation(fn, args, arg):
     with pytest.raises((ValueError, TypeError), match=arg):
         fn(*args)
+
+
+_C = torch.eye(3, dtype=torch.complex128)
+
+
+@pytest.mark.parametrize("fn, args, arg", [
+    (kernel_distance, (_C, torch.eye(3)), "k1"),
+    (cka, (torch.eye(3), _C.numpy()), "k2"),
+    (relative_frobenius, (_C, torch.eye(3)), "a"),
+    (top_eigen_mass, (_C, 1), "kernel"),
+    (condition_number, (_C,), "kernel"),
+    (trajectory_distance, (torch.ones(2, 2), torch.ones(2, 2, dtype=torch.complex64)), "traj2"),
+])
+def test_complex_inputs_are_refused(fn, args, arg):
+    # Was: a complex kernel became float64 through .to(), i.e. its real part, with only torch's cast warning
+    # (kernel_distance) or was compared as complex (relative_frobenius); awt refuses complex everywhere
+    with pytest.raises(TypeError, match=f"{arg}: expected real values"):
+        fn(*args)
