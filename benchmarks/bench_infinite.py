@@ -56,7 +56,7 @@ def status(key):
             return int(line.split()[1]) / 1024
 open("/proc/self/clear_refs", "w").write("5")
 r0 = status("VmRSS")
-ntk = k(x, get="ntk", batch_size=bs)
+ntk = k(x, get="ntk", block_size=bs)
 print(status("VmHWM") - r0, ntk.numel() * 8 / 2 ** 20)
 """
 
@@ -65,7 +65,7 @@ print(status("VmHWM") - r0, ntk.numel() * 8 / 2 ** 20)
 def test_mlp_peak_memory_is_the_output(benchmark, n):
     """Peak memory of a blocked N x N NTK (MiB, in a fresh process) against the output's own size.
 
-    The blocks add O(batch_size^2) working memory, so the peak stays close to the N^2 result.
+    The blocks add O(block_size^2) working memory, so the peak stays close to the N^2 result.
     """
     import subprocess
     import sys

@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from ._checks import as_tensor, check_choice, check_density, check_finite, check_int, check_nonnegative
-from ._checks import check_bool, check_finite_number, check_real
+from ._checks import as_generator, check_bool, check_device, check_finite_number, check_real
 from . import activations as _acts
 from . import layers as _fl
 
@@ -383,18 +383,83 @@ def _self_vars(v: torch.Tensor, spatial: str):
 # --------------------------------------------------------------------------------------
 # layers
 # --------------------------------------------------------------------------------------
+class FiniteFactory(Protocol):
+    """The finite-width counterpart of a layer (what :meth:`KernelFn.finite` calls, keywords only).
+
+    ``shape`` is the per-example shape of the layer's input, ``(d,)`` or ``(C, H, W)``; the factory
+    returns the module and the per-example shape of its output. ``width`` is the number of
+    units/channels of a hidden affine layer, ``out_features`` that of the readout (``is_readout``).
+    A factory raises ``ValueError`` naming ``in_shape`` when the layer cannot take ``shape``.
+    """
+
+    def __call__(self, shape: tuple[int, ...], *, width: int, out_features: int, is_readout: bool,
+                 generator: torch.Generator | None, dtype: torch.dtype,
+                 device: torch.device | None) -> tuple[nn.Module, tuple[int, ...]]: ...
+
+
+@dataclass(frozen=True)
+class Affine:
+    r"""What a ``Dense``/``Conv`` layer declares about itself.
+
+    ``sigma_w``, ``sigma_b`` the NTK-parameterisation scales; ``density`` the keep-probability
+    :math:`q` of the random mask on its weight (1: dense) and ``rescale`` whether kept weights
+    are scaled by :math:`1/\sqrt q`; ``kernel_size`` for ``Conv`` (``None`` for ``Dense``).
+    """
+
+    op: str                        # "dense" | "conv"
+    sigma_w: float
+    sigma_b: float
+    density: float = 1.0
+    rescale: bool = True
+    kernel_size: int | None = None
+
+    @property
+    def sw2(self) -> float:
+        r"""The effective weight variance :math:`\sigma_w^2` (:math:`q\sigma_w^2` for an unrescaled mask)."""
+        return self.sigma_w ** 2 * (1.0 if self.rescale else self.density)
+
+    @property
+    def sb2(self) -> float:
+        return self.sigma_b ** 2
+
+
 @dataclass(frozen=True)
 class Layer:
-    """One layer: a kernel transformer and a factory for its finite-width counterpart."""
+    r"""One layer: a kernel transformer, a factory for its finite-width counterpart, and what it declares.
+
+    Declared fields (read by :class:`KernelFn` instead of guessing from names):
+
+    * ``kind``: ``"affine"`` (Dense, Conv), ``"nonlin"`` (elementwise) or ``"readout"`` (Flatten,
+      GlobalAvgPool: spatial reductions to vector features);
+    * ``input_kind``: what the layer takes as the network's raw input, when it comes before any
+      affine layer: ``"vector"`` ``(N, d)``, ``"image"`` ``(N, C, H, W)`` or ``"any"``;
+    * ``pixel_pairs``: it needs the kernel between all pixel pairs, not only the pixel-diagonal
+      (GlobalAvgPool; stax's ``@requires(diagonal_spatial=False)``);
+    * ``affine``: an :class:`Affine` record for Dense/Conv, else ``None``;
+    * ``slopes``: ``(a, b)`` for a piecewise-linear nonlinearity :math:`az1\{z<0\} + bz1\{z>0\}`
+      (enables the homogeneous fast path), else ``None``;
+    * ``activation``: the :class:`ntk_theory.activations.Activation` entry of a registered
+      nonlinearity, else ``None``.
+    """
 
     name: str
     kernel: Callable[[_State], _State]
-    finite: Callable[[tuple, int, torch.Generator | None, torch.dtype, bool], tuple]
-    kind: str = "other"          # "affine" | "nonlin" | "readout" | "other"
-    meta: tuple = ()             # ("dense", sw2, sb2) | ("abrelu", a, b): enables the homogeneous fast path
+    finite: FiniteFactory
+    kind: str                                  # "affine" | "nonlin" | "readout"
+    input_kind: str = "any"                    # "vector" | "image" | "any"
+    pixel_pairs: bool = False
+    affine: Affine | None = None
+    slopes: tuple[float, float] | None = None
+    activation: _acts.Activation | None = None
 
     def __repr__(self) -> str:
         return self.name
+
+
+def _need_rank(shape: tuple[int, ...], rank: int, layer: str, hint: str = "") -> None:
+    if len(shape) != rank:
+        what = "(d,)" if rank == 1 else "(C, H, W)"
+        raise ValueError(f"in_shape: {layer} takes per-example inputs of shape {what}, got {shape}{hint}")
 
 
 def _check_sigmas(sigma_w, sigma_b):
@@ -415,8 +480,8 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
     sw, sb = _check_sigmas(sigma_w, sigma_b)
     q = check_density(density)
     check_bool(rescale, "rescale")
-    sw2 = sw * sw * (1.0 if rescale else q)
-    sb2 = sb * sb
+    meta = Affine("dense", sw, sb, q, rescale)
+    sw2, sb2 = meta.sw2, meta.sb2
 
     def kernel(s: _State) -> _State:
         if s.nngp is None:
@@ -438,12 +503,14 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
         ntk = None if s.ntk is None else torch.add(nngp, s.ntk, alpha=sw2)
         return replace(s, nngp=nngp, ntk=ntk, var1=sw2 * s.var1 + sb2, var2=sw2 * s.var2 + sb2, flattened=False)
 
-    def finite(shape, width, generator, dtype, is_readout, out_features=1):
+    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+        _need_rank(shape, 1, "Dense", "; put Flatten() or GlobalAvgPool() before Dense for images")
         n_out = out_features if is_readout else width
-        return _fl.NTKLinear(shape[0], n_out, sigma_w=sw, sigma_b=sb, generator=generator, dtype=dtype), (n_out,)
+        return (_fl.NTKLinear(shape[0], n_out, sigma_w=sw, sigma_b=sb, generator=generator, dtype=dtype, device=device),
+                (n_out,))
 
     return Layer(f"Dense(sigma_w={sw:g}, sigma_b={sb:g}, density={q:g}, rescale={rescale})", kernel, finite, "affine",
-                 ("dense", sw2, sb2))
+                 input_kind="vector", affine=meta)
 
 
 def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1.0,
@@ -462,8 +529,8 @@ def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, 
     sw, sb = _check_sigmas(sigma_w, sigma_b)
     q = check_density(density)
     check_bool(rescale, "rescale")
-    sw2 = sw * sw * (1.0 if rescale else q)
-    sb2 = sb * sb
+    meta = Affine("conv", sw, sb, q, rescale, kernel_size=k)
+    sw2, sb2 = meta.sw2, meta.sb2
 
     c_w = sw2 / (k * k)     # sigma_w^2 / fan_in, the channel count being normalised away
 
@@ -495,17 +562,20 @@ def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, 
         v2 = v1 if s.var2 is s.var1 else _patch_sum(s.var2, k, s.spatial).mul(c_w).add_(sb2)
         return replace(s, nngp=nngp, ntk=ntk, var1=v1, var2=v2)
 
-    def finite(shape, width, generator, dtype, is_readout, out_features=1):
+    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
         if is_readout:
             raise ValueError("layers: a Conv cannot be the readout; end with Flatten()/GlobalAvgPool() and Dense()")
+        _need_rank(shape, 3, "Conv")
         c, h, w = shape
-        return _fl.NTKConv2d(c, width, k, sigma_w=sw, sigma_b=sb, generator=generator, dtype=dtype), (width, h, w)
+        return (_fl.NTKConv2d(c, width, k, sigma_w=sw, sigma_b=sb, generator=generator, dtype=dtype, device=device),
+                (width, h, w))
 
     return Layer(f"Conv(kernel_size={k}, sigma_w={sw:g}, sigma_b={sb:g}, density={q:g}, rescale={rescale})",
-                 kernel, finite, "affine")
+                 kernel, finite, "affine", input_kind="image", affine=meta)
 
 
-def _nonlin(name: str, expect, module_fn, meta: tuple = ()) -> Layer:
+def _nonlin(name: str, expect, module_fn: Callable[[], nn.Module], *, slopes: tuple[float, float] | None = None,
+            activation: _acts.Activation | None = None) -> Layer:
     def kernel(s: _State) -> _State:
         if s.nngp is None:
             raise ValueError(f"layers: {name} cannot come first; start the network with Dense() or Conv()")
@@ -524,10 +594,10 @@ def _nonlin(name: str, expect, module_fn, meta: tuple = ()) -> Layer:
             v2 = expect(c2, a2, b2)[0]
         return replace(s, nngp=nngp, ntk=ntk, var1=v1, var2=v2)
 
-    def finite(shape, width, generator, dtype, is_readout, out_features=1):
+    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
         return module_fn(), shape
 
-    return Layer(name, kernel, finite, "nonlin", meta)
+    return Layer(name, kernel, finite, "nonlin", slopes=slopes, activation=activation)
 
 
 def ABRelu(a: float, b: float) -> Layer:
@@ -542,30 +612,38 @@ def ABRelu(a: float, b: float) -> Layer:
             return torch.where(h > 0, b * h, a * h)
 
     return _nonlin(f"ABRelu({a:g}, {b:g})", lambda c, va, vb: _ABReluExpect.apply(c, va, vb, a, b), _AB,
-                   ("abrelu", a, b))
+                   slopes=(a, b))
 
 
 def Relu() -> Layer:
     """ReLU, :math:`\\phi(z) = \\max(z, 0)`."""
-    return _nonlin("Relu()", lambda c, va, vb: _ABReluExpect.apply(c, va, vb, 0.0, 1.0), nn.ReLU, ("abrelu", 0.0, 1.0))
+    act = _acts.get("relu")
+    return _nonlin("Relu()", lambda c, va, vb: _ABReluExpect.apply(c, va, vb, 0.0, 1.0), act.module,
+                   slopes=(0.0, 1.0), activation=act)
 
 
 def LeakyRelu(alpha: float = 0.01) -> Layer:
     """Leaky ReLU with negative slope ``alpha``."""
     alpha = check_finite_number(alpha, "alpha", "a finite slope")
+    act = _acts.get("leaky_relu")
     return _nonlin(f"LeakyRelu({alpha:g})", lambda c, va, vb: _ABReluExpect.apply(c, va, vb, alpha, 1.0),
-                   lambda: nn.LeakyReLU(alpha), ("abrelu", alpha, 1.0))
+                   lambda: act.module(alpha), slopes=(alpha, 1.0), activation=act)
 
 
 def Erf() -> Layer:
     """:math:`\\phi(z) = \\mathrm{erf}(z)`."""
-    return _nonlin("Erf()", _erf_expect, _fl.ErfActivation)
+    act = _acts.get("erf")
+    return _nonlin("Erf()", _erf_expect, act.module, activation=act)
 
 
 def Identity() -> Layer:
     """The identity (linear network): leaves both kernels unchanged."""
-    return Layer("Identity()", lambda s: s, lambda shape, width, g, dt, r, out_features=1: (nn.Identity(), shape),
-                 "nonlin", ("abrelu", 1.0, 1.0))
+    act = _acts.get("identity")
+
+    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+        return act.module(), shape
+
+    return Layer("Identity()", lambda s: s, finite, "nonlin", slopes=(1.0, 1.0), activation=act)
 
 
 def Flatten() -> Layer:
@@ -588,10 +666,10 @@ def Flatten() -> Layer:
         nngp, v2 = _pin_duplicates(s.dup, red(s.nngp), v1, v2)
         return replace(s, nngp=nngp, ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2, flattened=True)
 
-    def finite(shape, width, g, dt, r, out_features=1):
+    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
         return nn.Flatten(), (math.prod(shape),)
 
-    return Layer("Flatten()", kernel, finite, "readout")
+    return Layer("Flatten()", kernel, finite, "readout", input_kind="any")
 
 
 def GlobalAvgPool() -> Layer:
@@ -612,22 +690,25 @@ def GlobalAvgPool() -> Layer:
         nngp, v2 = _pin_duplicates(s.dup, red(s.nngp), v1, v2)
         return replace(s, nngp=nngp, ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2)
 
-    def finite(shape, width, g, dt, r, out_features=1):
+    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+        _need_rank(shape, 3, "GlobalAvgPool")
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), (shape[0],)
 
-    return Layer("GlobalAvgPool()", kernel, finite, "readout")
+    return Layer("GlobalAvgPool()", kernel, finite, "readout", input_kind="image", pixel_pairs=True)
 
 
 def _homogeneous_plan(layers: Sequence[Layer]):
-    """``[(sw2_0), ((a, b), sw2), ...]`` if the net is Dense, (ABRelu-family, Dense)* with all sigma_b = 0."""
-    metas = [l.meta for l in layers]
-    if len(metas) % 2 == 0 or any(not m for m in metas):
+    """``(sw2_0, [((a, b), sw2), ...])`` if the net is Dense, (piecewise-linear, Dense)* with all sigma_b = 0.
+
+    Read from the layers' declared ``affine`` and ``slopes`` fields."""
+    if len(layers) % 2 == 0:
         return None
-    if any(m[0] != "dense" or m[2] != 0.0 for m in metas[0::2]) or any(m[0] != "abrelu" for m in metas[1::2]):
+    dense, acts = layers[0::2], layers[1::2]
+    if any(l.affine is None or l.affine.op != "dense" or l.affine.sb2 != 0.0 for l in dense):
         return None
-    if any(m[1] ** 2 + m[2] ** 2 == 0 for m in metas[1::2]):
+    if any(l.slopes is None or l.slopes[0] ** 2 + l.slopes[1] ** 2 == 0 for l in acts):
         return None
-    return metas[0][1], [((m[1], m[2]), d[1]) for m, d in zip(metas[1::2], metas[2::2])]
+    return dense[0].affine.sw2, [(a.slopes, d.affine.sw2) for a, d in zip(acts, dense[1:])]
 
 
 def _homogeneous_block(plan, x1, x2, want_ntk: bool, dup):
@@ -672,21 +753,43 @@ def _homogeneous_block(plan, x1, x2, want_ntk: bool, dup):
 _GET = ("nngp", "ntk")
 
 
+def _input_kind(layers: Sequence[Layer]) -> str:
+    """What the network takes as raw input, from the layers' declared ``input_kind``: the first layer
+    that declares one decides, unless a layer that accepts anything and reduces it to vectors
+    (``Flatten``) comes first."""
+    for l in layers:
+        if l.input_kind != "any":
+            return l.input_kind
+        if l.kind in ("affine", "readout"):
+            return "any"
+    return "any"
+
+
 class KernelFn:
     """The kernel function of a network built by :func:`serial`.
 
-    ``k(x1, x2=None, get=("nngp", "ntk"), *, batch_size=None, dtype=torch.float64)``
+    ``k(x1, x2=None, get=("nngp", "ntk"), *, block_size=None, dtype=torch.float64)``
     returns :class:`Kernels` (or a single tensor when ``get`` is a string). ``x2=None`` means
     ``x2 = x1``; then only blocks on and above the diagonal are computed and mirrored.
-    ``batch_size`` bounds the rows of ``x1`` and of ``x2`` processed at once (peak memory
-    ~ ``batch_size**2`` times the per-pair size: 1, ``H*W`` or ``(H*W)**2`` for MLPs,
+    ``block_size`` bounds the rows of ``x1`` and of ``x2`` processed at once (peak memory
+    ~ ``block_size**2`` times the per-pair size: 1, ``H*W`` or ``(H*W)**2`` for MLPs,
     Flatten-CNNs and GAP-CNNs); the result does not depend on it.
+
+    **dtype.** Kernels are computed and returned in ``dtype``, float64 by default, whatever the
+    inputs' dtype (inputs are cast; numpy arrays are accepted). Complex inputs are refused
+    (``TypeError``): their imaginary part would be dropped. Empirical kernels
+    (:func:`ntk_theory.empirical.empirical_ntk`) follow the model's dtype instead.
+
+    Attributes read from the layers' declarations: ``layers``, ``spatial`` (``"full"`` when a
+    layer needs all pixel pairs, else ``"diag"``), ``input_kind`` (``"vector"``, ``"image"`` or
+    ``"any"``) and ``has_conv``.
     """
 
     def __init__(self, layers: Sequence[Layer]):
         self.layers = tuple(layers)
-        self.spatial = "full" if any(l.name == "GlobalAvgPool()" for l in self.layers) else "diag"
-        self.is_conv = any(l.name.startswith("Conv(") for l in self.layers)
+        self.spatial = "full" if any(l.pixel_pairs for l in self.layers) else "diag"
+        self.input_kind = _input_kind(self.layers)
+        self.has_conv = any(l.affine is not None and l.affine.op == "conv" for l in self.layers)
         self._plan = _homogeneous_plan(self.layers)
 
     def __repr__(self) -> str:
@@ -698,10 +801,12 @@ class KernelFn:
         check_real(x, name)
         x = x.to(dtype)
         check_finite(x, name)
-        want = 4 if self.is_conv else None
-        if want is not None and x.dim() != 4:
+        if self.input_kind == "image" and x.dim() != 4:
             raise ValueError(f"{name}: this network starts with images; expected shape (N, C, H, W), got {tuple(x.shape)}")
-        if want is None and x.dim() not in (2, 4):
+        if self.input_kind == "vector" and x.dim() != 2:
+            raise ValueError(f"{name}: this network starts with Dense; expected shape (N, d), got {tuple(x.shape)} "
+                             "(put Flatten() or GlobalAvgPool() first for images)")
+        if x.dim() not in (2, 4):
             raise ValueError(f"{name}: expected shape (N, d) (or (N, C, H, W) before Flatten), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"{name}: empty batch")
@@ -728,14 +833,15 @@ class KernelFn:
             return 0.5 * (s.nngp + s.nngp.T), None if s.ntk is None else 0.5 * (s.ntk + s.ntk.T)
         return s.nngp, (s.ntk.clone() if s.ntk is s.nngp else s.ntk)
 
-    def _default_batch(self, x) -> int:
-        if not self.is_conv:
+    def _default_block(self, x) -> int:
+        if not self.has_conv:
             return 384   # three float64 384x384 blocks fit this CPU's 4 MiB L2 (measured: 512 and 256 are slower)
         hw = x.shape[-1] * x.shape[-2]
         per_pair = hw * hw if self.spatial == "full" else hw
         return max(1, int(math.sqrt(2 ** 23 / per_pair)))
 
-    def __call__(self, x1, x2=None, get=_GET, *, batch_size: int | None = None, dtype: torch.dtype = torch.float64):
+    def __call__(self, x1, x2=None, get=_GET, *, block_size: int | None = None,
+                 dtype: torch.dtype = torch.float64) -> Kernels | torch.Tensor:
         single = isinstance(get, str)
         try:
             gets = (get,) if single else tuple(get)
@@ -746,7 +852,7 @@ class KernelFn:
         for g in gets:
             check_choice(g, "get", _GET)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype: got {dtype!r}; expected a floating torch.dtype")
+            raise ValueError(f"dtype: got {dtype!r}; expected a real floating torch.dtype (float64 by default)")
         x1 = self._prep(x1, "x1", dtype)
         sym = x2 is None
         x2 = x1 if sym else self._prep(x2, "x2", dtype)
@@ -754,7 +860,7 @@ class KernelFn:
             raise ValueError(f"x2: feature shape {tuple(x2.shape[1:])} does not match x1's {tuple(x1.shape[1:])}")
         if x2.device != x1.device:
             raise ValueError(f"x2: on device {x2.device}, x1 on {x1.device}; put both on one device")
-        bs = self._default_batch(x1) if batch_size is None else check_int(batch_size, "batch_size", minimum=1)
+        bs = self._default_block(x1) if block_size is None else check_int(block_size, "block_size", minimum=1)
         want_ntk = "ntk" in gets
         # the homogeneous fast path has no tolerant backward: only when no input gradient is needed
         fast = (self._plan is not None and x1.dim() == 2
@@ -784,24 +890,68 @@ class KernelFn:
         return getattr(out, gets[0]) if single else out
 
     # -- the matching finite network --------------------------------------------------
-    def finite(self, in_shape: Sequence[int], width: int, out_features: int = 1, *,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64) -> nn.Sequential:
-        """A finite network (NTK parameterisation) whose empirical NTK converges to this kernel.
+    def finite(self, in_shape: Sequence[int], width: int, *, out_features: int = 1,
+               generator: int | torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+               device: str | torch.device = "cpu") -> nn.Sequential:
+        r"""The finite network (NTK parameterisation) whose empirical NTK converges to this kernel.
 
         Every hidden ``Dense``/``Conv`` gets ``width`` units/channels; the last ``Dense`` has
-        ``out_features`` outputs. Masks (``density < 1``) are not applied here: combine with
-        :func:`ntk_theory.masks.random_mask` and ``apply_mask``.
+        ``out_features`` outputs (the kernel is then that of each output, times the identity).
+
+        ``in_shape`` is the per-example input shape, ``(d,)`` or ``(C, H, W)``, checked against
+        the layers (a network that starts with ``Dense`` takes ``(d,)``, one that starts with
+        ``Conv`` or ``GlobalAvgPool`` takes ``(C, H, W)``). ``generator`` (an int seed, a
+        ``torch.Generator`` or ``None``: torch's global RNG) draws the weights, layer by layer,
+        then the masks. ``dtype`` (a real floating dtype, float64 by default) and ``device``
+        (``"cpu"``, ``"cuda"``, ``"auto"``; :func:`ntk_theory._checks.check_device`) place the
+        parameters.
+
+        **Masked layers.** Every ``Dense``/``Conv`` declared with ``density`` :math:`q < 1` gets a
+        uniformly random mask keeping ``round(q * numel)`` of its weights (biases stay dense),
+        drawn with :func:`ntk_theory.masks.random_mask` and applied with
+        :func:`ntk_theory.masks.apply_mask` with the layer's own ``rescale`` (kept weights times
+        :math:`1/\sqrt q` when true). So ``mlp(2, density=0.25, rescale=False).finite(...)`` is the
+        masked network of that kernel, never the dense one. Its empirical NTK converges to the
+        closed form for masks on layers whose fan-in grows with ``width``; a masked *first* layer
+        (``mlp(..., mask_first_layer=True)``) has a fixed fan-in and converges to it only as the
+        input dimension grows (the first-layer caveat of :func:`mlp`).
         """
+        if isinstance(in_shape, (str, bytes)) or not isinstance(in_shape, (tuple, list, torch.Size)):
+            raise TypeError(f"in_shape: expected the per-example input shape as a tuple, (d,) or (C, H, W); "
+                            f"got {in_shape!r}")
+        shape = tuple(check_int(v, "in_shape", minimum=1) for v in in_shape)
+        allowed = {"vector": (1,), "image": (3,), "any": (1, 3)}[self.input_kind]
+        if len(shape) not in allowed:
+            what = {"vector": "(d,): it starts with Dense (put Flatten() first for images)",
+                    "image": "(C, H, W): it starts with images", "any": "(d,) or (C, H, W)"}[self.input_kind]
+            raise ValueError(f"in_shape: got {shape}; this network takes per-example inputs of shape {what}")
         width = check_int(width, "width", minimum=1)
-        shape = tuple(int(s) for s in in_shape)
-        affine_idx = [i for i, l in enumerate(self.layers) if l.kind == "affine"]
+        out_features = check_int(out_features, "out_features", minimum=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: got {dtype!r}; expected a real floating torch.dtype (torch.float64 by default)")
+        dev = check_device(device, "device")
+        gen = as_generator(generator, "generator", dev)
+        affine_idx = [i for i, l in enumerate(self.layers) if l.affine is not None]
         if not affine_idx:
             raise ValueError("layers: the network has no Dense/Conv layer")
-        mods = []
+        mods, at = [], {}
         for i, layer in enumerate(self.layers):
-            m, shape = layer.finite(shape, width, generator, dtype, i == affine_idx[-1], out_features)
-            mods.append(m)
-        return nn.Sequential(*mods)
+            m, shape = layer.finite(shape, width=width, out_features=out_features, is_readout=i == affine_idx[-1],
+                                    generator=gen, dtype=dtype, device=dev)
+            at[i] = len(mods)
+            # one flat Sequential (a GlobalAvgPool's pool + flatten become two modules): plain parameter names
+            mods.extend(m if type(m) is nn.Sequential else [m])
+        net = nn.Sequential(*mods)
+        masked = [i for i in affine_idx if self.layers[i].affine.density < 1.0]
+        if masked:
+            from .masks import apply_mask, random_mask  # local: masks is not needed by the kernels
+            if gen is None:   # torch's global RNG: one draw seeds the masks' generator
+                gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2 ** 62, ())))
+            for i in masked:
+                meta = self.layers[i].affine
+                sub = random_mask(net[at[i]], meta.density, generator=gen, skip_first=False)
+                apply_mask(net, {f"{at[i]}.{k}": v for k, v in sub.items()}, rescale=meta.rescale)
+        return net
 
 
 def serial(*layers: Layer) -> KernelFn:

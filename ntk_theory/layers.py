@@ -135,61 +135,42 @@ def gains(module: nn.Module) -> tuple[float, float] | None:
 
 def finite_mlp(d_in: int, width: int, depth: int, out_features: int = 1, *, activation: str = "relu",
                sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, alpha: float = 0.01,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
-               device=None) -> nn.Sequential:
+               generator: int | torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+               device: str | torch.device = "cpu") -> nn.Sequential:
     """Finite MLP in the NTK parameterisation: ``depth`` x (NTKLinear, activation), then an NTKLinear readout.
 
-    Its empirical NTK converges, as ``width -> inf``, to
-    ``ntk_theory.infinite.mlp(depth, activation, sigma_w, sigma_b)`` (times the
-    identity over the ``out_features`` outputs).
+    A thin wrapper: ``mlp(depth, activation, sigma_w, sigma_b, alpha=alpha).finite((d_in,), width,
+    out_features=..., generator=..., dtype=..., device=...)`` (:func:`ntk_theory.infinite.mlp`), so its
+    empirical NTK converges, as ``width -> inf``, to that kernel (times the identity over the
+    ``out_features`` outputs). Argument order as :func:`finite_cnn`: input, width, depth, outputs.
+    ``activation`` must have a closed-form kernel (:func:`ntk_theory.activations.names` with ``kernel=True``).
     """
-    check_int(depth, "depth", minimum=0)
-    check_int(width, "width", minimum=1)
-    check_int(d_in, "d_in", minimum=1)
-    from .activations import get
-    act = get(activation)
-    alpha = act._alpha(alpha)
-    layers: list[nn.Module] = []
-    fan_in = d_in
-    for _ in range(depth):
-        layers += [NTKLinear(fan_in, width, sigma_w=sigma_w, sigma_b=sigma_b, generator=generator,
-                             dtype=dtype, device=device), act.module(alpha)]
-        fan_in = width
-    layers.append(NTKLinear(fan_in, out_features, sigma_w=sigma_w, sigma_b=sigma_b, generator=generator,
-                            dtype=dtype, device=device))
-    return nn.Sequential(*layers)
+    from .infinite import mlp
+    d_in = check_int(d_in, "d_in", minimum=1)
+    return mlp(depth, activation, sigma_w, sigma_b, alpha=alpha).finite(
+        (d_in,), width, out_features=out_features, generator=generator, dtype=dtype, device=device)
 
 
-def finite_cnn(in_channels: int, channels: int, depth: int, image_size: tuple[int, int], out_features: int = 1, *,
+def finite_cnn(in_shape: tuple[int, int, int], width: int, depth: int, out_features: int = 1, *,
                kernel_size: int = 3, readout: str = "flatten", activation: str = "relu",
                sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, alpha: float = 0.01,
-               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float64,
-               device=None) -> nn.Sequential:
-    """Finite CNN: ``depth`` x (NTKConv2d, activation), ``readout`` in {"flatten", "gap"}, NTKLinear readout.
+               generator: int | torch.Generator | None = None, dtype: torch.dtype = torch.float64,
+               device: str | torch.device = "cpu") -> nn.Sequential:
+    """Finite CNN: ``depth`` x (NTKConv2d with ``width`` channels, activation), ``readout`` in
+    {"flatten", "gap"}, NTKLinear readout; ``in_shape = (C, H, W)`` per example.
 
-    Matches ``serial(*[Conv(k), act] * depth, Flatten() | GlobalAvgPool(), Dense())``.
+    A thin wrapper: ``serial(*[Conv(kernel_size, sigma_w, sigma_b), act] * depth,
+    Flatten() | GlobalAvgPool(), Dense(sigma_w, sigma_b)).finite(in_shape, width, ...)``; its
+    empirical NTK converges to that kernel. Argument order as :func:`finite_mlp`.
     """
-    check_int(depth, "depth", minimum=1)
-    check_choice(readout, "readout", ("flatten", "gap"))
-    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
-        raise ValueError(f"image_size: expected a pair (H, W) of positive integers, got {image_size!r}")
-    for s in image_size:
-        check_int(s, "image_size", minimum=1)
+    from .infinite import Conv, Dense, Flatten, GlobalAvgPool, serial
     from .activations import get
-    act = get(activation)
-    alpha = act._alpha(alpha)
-    layers: list[nn.Module] = []
-    c = in_channels
+    depth = check_int(depth, "depth", minimum=1)
+    check_choice(readout, "readout", ("flatten", "gap"))
+    act = get(activation, kernel=True)
+    body = []
     for _ in range(depth):
-        layers += [NTKConv2d(c, channels, kernel_size, sigma_w=sigma_w, sigma_b=sigma_b, generator=generator,
-                             dtype=dtype, device=device), act.module(alpha)]
-        c = channels
-    h, w = image_size
-    if readout == "flatten":
-        layers += [nn.Flatten(), NTKLinear(c * h * w, out_features, sigma_w=sigma_w, sigma_b=sigma_b,
-                                           generator=generator, dtype=dtype, device=device)]
-    else:
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                   NTKLinear(c, out_features, sigma_w=sigma_w, sigma_b=sigma_b, generator=generator,
-                             dtype=dtype, device=device)]
-    return nn.Sequential(*layers)
+        body += [Conv(kernel_size, sigma_w, sigma_b), act.kernel_layer(alpha)]
+    head = Flatten() if readout == "flatten" else GlobalAvgPool()
+    return serial(*body, head, Dense(sigma_w, sigma_b)).finite(
+        in_shape, width, out_features=out_features, generator=generator, dtype=dtype, device=device)

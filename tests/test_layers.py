@@ -33,7 +33,7 @@ def test_ntk_layers_match_their_formulas():
 @pytest.mark.parametrize("build, arg", [
     (lambda: finite_mlp(3, 4, 0, activation="bogus"), "activation"),
     (lambda: finite_mlp(3, 4, 1, activation="leaky_relu", alpha=math.nan), "alpha"),
-    (lambda: finite_cnn(1, 4, 1, (-2, -3)), "image_size"),
+    (lambda: finite_cnn((1, -2, -3), 4, 1), "in_shape"),
 ])
 def test_layer_factories_validate_every_argument(build, arg):
     # Was: finite_mlp checks `activation` only when depth >= 1 and never checks `alpha` (NaN -> NaN outputs);
