@@ -830,14 +830,16 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike, *, executor
             dense = [s for s in todo if s.method == "dense"]
             tickets = [s for s in todo if s.method != "dense"]
             for stage in (dense, tickets):
-                if stage is tickets and failed:
-                    bad = {run_dir(out, s) for s in dense if any(f["key"] == s.key() and f["seed"] == s.seed
-                                                                   for f in failed)}
-                    keep = [t for t in stage if run_dir(out, dense_spec(t)) not in bad]
+                if stage is tickets and failed:   # a ticket whose dense reference failed cannot run
+                    bad = {f["run_dir"] for f in failed}
+                    keep = []
                     for t in stage:
-                        if t not in keep:
+                        if os.path.relpath(run_dir(out, dense_spec(t)), out) in bad:
                             failed.append({**_base_record(t, run_dir(out, t), str(out)), "state": "failed",
                                            "error": "its dense reference run failed"})
+                            bar.update()
+                        else:
+                            keep.append(t)
                     stage = keep
                 for rec in exe.map(execute, [((s, str(out)), {"run_fn": run_fn, "progress": progress,
                                                              "threads": threads}) for s in stage]):

@@ -259,3 +259,17 @@ def test_progress_bars_are_silent_off_a_terminal(tmp_path, capsys):
     run_experiment(tiny(seeds=(0,)), tmp_path, run_fn=fake_run, progress=True)
     cap = capsys.readouterr()
     assert "awt experiment" not in cap.err and "%|" not in cap.err
+
+
+def failing_dense(spec, rdir, *, dense_dir, progress=False, status=None):
+    if spec.method == "dense" and spec.seed == 1:
+        raise RuntimeError("dense planted failure")
+    return fake_run(spec, rdir, dense_dir=dense_dir)
+
+
+def test_tickets_of_a_failed_dense_run_are_not_started(tmp_path):
+    res = run_experiment(tiny(), tmp_path, run_fn=failing_dense, progress=False)
+    assert len(res.failed) == 1 + 4 and len(res.records) == 5
+    assert {f["seed"] for f in res.failed} == {1}
+    assert sum("dense reference run failed" in f["error"] for f in res.failed) == 4
+    assert not any((tmp_path / f["run_dir"]).exists() for f in res.failed if f["method"] != "dense")
