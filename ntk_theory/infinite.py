@@ -47,6 +47,7 @@ from torch import nn
 from ._checks import as_tensor, check_choice, check_density, check_finite, check_int, check_nonnegative
 from ._checks import as_generator, check_bool, check_device, check_finite_number, check_real
 from . import activations as _acts
+from .io import Result
 from . import layers as _fl
 
 __all__ = [
@@ -60,15 +61,16 @@ __all__ = [
 # records
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Kernels:
-    """NNGP and NTK of a pair of input batches, each ``(N1, N2)`` (``None`` if not requested)."""
+class Kernels(Result):
+    r"""NNGP and NTK of a pair of input batches (an :class:`ntk_theory.io.Result`).
+
+    Fields: ``nngp`` :math:`K(x_1, x_2)` and ``ntk`` :math:`\Theta(x_1, x_2)`, each ``(N1, N2)`` in the
+    requested dtype (float64 by default), or ``None`` when not requested (``get=``).
+    ``to_dict()`` gives nested lists (``None`` kept).
+    """
 
     nngp: torch.Tensor | None
     ntk: torch.Tensor | None
-
-    def to_dict(self) -> dict:
-        return {k: (None if v is None else v.detach().cpu().tolist()) for k, v in
-                (("nngp", self.nngp), ("ntk", self.ntk))}
 
 
 @dataclass(frozen=True)
@@ -955,7 +957,11 @@ class KernelFn:
 
 
 def serial(*layers: Layer) -> KernelFn:
-    """Compose layers into a :class:`KernelFn` (stax's ``serial``)."""
+    """Compose layers into a :class:`KernelFn` (stax's ``serial``).
+
+    The kernel function returns float64 kernels by default (``dtype=``), refuses complex inputs, and
+    builds its finite network with :meth:`KernelFn.finite`.
+    """
     if not layers:
         raise ValueError("layers: serial() needs at least one layer")
     for i, l in enumerate(layers):
@@ -982,6 +988,11 @@ def mlp(depth: int, activation: str = "relu", sigma_w: float = 2 ** 0.5, sigma_b
     ``mask_first_layer=False`` (default) leaves the first layer dense, which makes the
     formula exact. ``mask_first_layer=True`` applies the same substitution to the first
     layer too; it is exact only as :math:`d \to \infty` (a mean-field approximation).
+
+    ``activation`` is a name of :mod:`ntk_theory.activations` with a closed-form kernel ("relu",
+    "leaky_relu" with negative slope ``alpha``, "erf", "identity"; "tanh" and "sigmoid" have none and
+    are refused). The returned :class:`KernelFn` gives float64 kernels by default; its
+    ``.finite(in_shape, width, ...)`` builds the matching network, masks at ``density`` included.
     """
     depth = check_int(depth, "depth", minimum=0)
     act_entry = _acts.get(activation, kernel=True)
