@@ -1,4 +1,4 @@
-"""First-order adversarial attacks, FGSM/FGM and PGD, on any callable ``f(x) -> outputs`` (THEORY.md §B.5).
+"""First-order adversarial attacks, FGSM/FGM and PGD, on any callable ``f(x) -> outputs`` (docs/theory.md §B.5).
 
 ``f`` can be an ``nn.Module``, a ``torch.func.functional_call`` closure, a
 linearised network (:func:`ntk_theory.dynamics.linearize`) or a kernel
@@ -57,9 +57,20 @@ switch (``f`` runs in whatever mode the caller set), no ``requires_grad``
 change, no write to any ``.grad`` (gradients come from
 ``torch.autograd.grad`` with respect to the input only), and when ``f`` is an
 ``nn.Module`` its buffers (e.g. BatchNorm running statistics updated by a
-forward in train mode) are restored afterwards. They work under
+forward in train mode) are restored afterwards (:class:`ModuleStateGuard`, which
+callers that attack a closure over a module use around it). They work under
 ``torch.no_grad()``. The returned tensor is detached. Randomness (the PGD
-random start) comes only from ``generator`` (the global RNG when ``None``).
+random start) comes only from ``generator``: an int seed, a ``torch.Generator``, or
+``None`` for torch's global RNG (:func:`ntk_theory._checks.as_generator`).
+
+Dtype and device (awt's rule at every public boundary). ``x`` and ``y`` may be tensors,
+numpy arrays or nested sequences. When ``f`` is an ``nn.Module`` holding floating
+tensors, ``x`` is cast to the dtype of its first floating parameter (else buffer) and
+moved to its device before anything else, so float64 or numpy inputs on a float32
+model work; the feasible set is then the ball around that cast ``x``, and ``x~`` has
+the model's dtype and device. For any other callable ``x`` keeps its dtype and device.
+``y`` follows ``x``'s device (float targets are cast to the outputs' dtype by the loss).
+Complex ``x`` or ``y`` is refused (``TypeError``), as are integer inputs ``x``.
 """
 from __future__ import annotations
 
@@ -70,9 +81,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import as_tensor, check_choice, check_finite, check_int, check_nonnegative, check_positive
+from ._checks import (as_generator, as_tensor, cast_like_model, check_choice, check_finite, check_int,
+                      check_nonnegative, check_positive, check_real)
 
-__all__ = ["fgsm", "pgd", "per_sample_loss", "NORMS", "LOSSES"]
+__all__ = ["fgsm", "pgd", "per_sample_loss", "ModuleStateGuard", "NORMS", "LOSSES"]
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "mse")
@@ -129,10 +141,10 @@ def _mse_target(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _validate(f, x, y, eps, norm, loss, clamp):
     if not callable(f):
         raise TypeError(f"f: expected a callable batch -> outputs (nn.Module, closure, predictor), got {type(f).__name__}")
-    x = as_tensor(x, "x")
-    y = as_tensor(y, "y")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    x = cast_like_model(x, "x", f)  # the dtype/device rule: the model's (module docstring)
+    y = check_real(as_tensor(y, "y"), "y")
+    if y.device != x.device:
+        y = y.to(x.device)
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x: expected a non-empty batch (N, ...), got shape {tuple(x.shape)}")
     check_finite(x, "x")
@@ -299,8 +311,17 @@ def _step(g: torch.Tensor, norm: str, size: float) -> torch.Tensor:
     return (u * (size / torch.where(n > 0, n, torch.ones_like(n)))).reshape(g.shape)
 
 
-class _ModuleStateGuard:
-    """Restore an ``nn.Module``'s buffers (e.g. BatchNorm statistics) after the attack; nothing else is touched."""
+class ModuleStateGuard:
+    """Context manager that restores an ``nn.Module``'s buffers and train/eval flags on exit.
+
+    ``with ModuleStateGuard(model): ...`` snapshots every buffer (e.g. BatchNorm running
+    statistics, which a forward in training mode updates) and every submodule's ``training``
+    flag, and puts them back on exit, also when the body raises; a buffer that a forward
+    *reassigned* gets its original tensor object back. Parameters and gradients are not
+    touched (the attacks never write them). For anything that is not an ``nn.Module`` it does
+    nothing. :func:`pgd` and :func:`fgsm` use it around ``f``; a caller that attacks a closure
+    over a module (e.g. a ``functional_call`` with masked parameters) wraps the module itself.
+    """
 
     def __init__(self, f):
         self.f = f if isinstance(f, nn.Module) else None
@@ -327,7 +348,7 @@ class _ModuleStateGuard:
 # --------------------------------------------------------------------------------------------- attacks
 def fgsm(f: Callable[[torch.Tensor], torch.Tensor], x, y, *, eps: float, norm: str = "linf", loss: LossArg = "ce",
          clamp: tuple[float, float] | None = (0.0, 1.0)) -> torch.Tensor:
-    """One-step attack: FGSM for ``norm="linf"``, FGM for ``norm="l2"`` (THEORY.md §B.5).
+    """One-step attack: FGSM for ``norm="linf"``, FGM for ``norm="l2"`` (docs/theory.md §B.5).
 
     ``x~ = Pi(x + eps * sign(g))`` (linf) or ``x~ = Pi(x + eps * g/||g||_2)`` (l2), with
     ``g = grad_x loss(f(x), y)`` per sample and ``Pi`` the feasible map onto
@@ -335,7 +356,8 @@ def fgsm(f: Callable[[torch.Tensor], torch.Tensor], x, y, *, eps: float, norm: s
 
     Args:
         f: callable ``(N, ...) -> (N, ...)`` outputs.
-        x: inputs ``(N, ...)``, floating, inside ``clamp``.
+        x: inputs ``(N, ...)``, real floating (tensor or numpy), inside ``clamp``; cast to
+            ``f``'s dtype and device when ``f`` is an ``nn.Module`` (module docstring).
         y: labels ``(N,)`` (``"ce"``) or targets of the outputs' shape (``"mse"``).
         eps: radius ``>= 0``; at most the box width (linf) or diameter (l2).
         norm: ``"linf"`` or ``"l2"``.
@@ -343,10 +365,10 @@ def fgsm(f: Callable[[torch.Tensor], torch.Tensor], x, y, *, eps: float, norm: s
         clamp: the data box ``(lo, hi)`` or ``None`` for no box.
 
     Returns:
-        ``x~``, detached, same shape and dtype as ``x``.
+        ``x~``, detached, ``x``'s shape, in the model's dtype and device (``x``'s for a closure).
     """
     x, y, eps, box = _validate(f, x, y, eps, norm, loss, clamp)
-    with _ModuleStateGuard(f):
+    with ModuleStateGuard(f):
         if eps == 0.0:
             return x.clone()
         g = _input_grad(f, x, y, loss)
@@ -359,8 +381,9 @@ def fgsm(f: Callable[[torch.Tensor], torch.Tensor], x, y, *, eps: float, norm: s
 
 def pgd(f: Callable[[torch.Tensor], torch.Tensor], x, y, *, eps: float, alpha: float | None = None,
         steps: int = 10, norm: str = "linf", loss: LossArg = "ce", random_start: bool = True,
-        clamp: tuple[float, float] | None = (0.0, 1.0), generator: torch.Generator | None = None) -> torch.Tensor:
-    """Projected gradient ascent on the per-sample loss (Madry et al. 2018; THEORY.md §B.5).
+        clamp: tuple[float, float] | None = (0.0, 1.0), generator: int | torch.Generator | None = None
+        ) -> torch.Tensor:
+    """Projected gradient ascent on the per-sample loss (Madry et al. 2018; docs/theory.md §B.5).
 
     ``x^{j+1} = Pi(x^j + alpha * sign(g(x^j)))`` (linf) or
     ``Pi(x^j + alpha * g(x^j)/||g(x^j)||_2)`` (l2) for ``j = 0 .. steps-1``, from
@@ -374,11 +397,13 @@ def pgd(f: Callable[[torch.Tensor], torch.Tensor], x, y, *, eps: float, alpha: f
             to cross the ball from any start).
         steps: number of gradient steps ``>= 0`` (0 returns the random start, or ``x``).
         random_start: start from a uniform point of the ball.
-        generator: ``torch.Generator`` for the random start; with one the attack is deterministic
-            (for a deterministic model: dropout in training mode still draws from the global RNG).
+        generator: an int seed, a ``torch.Generator`` or ``None`` (torch's global RNG) for the
+            random start; with a seed or a generator the attack is deterministic (for a
+            deterministic model: dropout in training mode still draws from the global RNG).
 
     Returns:
-        ``x~``, detached, same shape and dtype as ``x``; ``x~ ∈ B(x, eps) ∩ box`` exactly.
+        ``x~``, detached, ``x``'s shape, in the model's dtype and device (``x``'s for a
+        closure); ``x~ ∈ B(x, eps) ∩ box`` exactly (around ``x`` as cast).
     """
     x, y, eps, box = _validate(f, x, y, eps, norm, loss, clamp)
     steps = check_int(steps, "steps", minimum=0)
@@ -386,9 +411,8 @@ def pgd(f: Callable[[torch.Tensor], torch.Tensor], x, y, *, eps: float, alpha: f
         alpha = 2.5 * eps / max(steps, 1)
     else:
         alpha = check_positive(alpha, "alpha")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    with _ModuleStateGuard(f):
+    generator = as_generator(generator, "generator", x.device)
+    with ModuleStateGuard(f):
         if eps == 0.0:
             return x.clone()
         lower, upper = _linf_bounds(x, eps, box) if norm == "linf" else (None, None)

@@ -1,13 +1,20 @@
-"""Tests of ntk_theory.attacks: analytic optima, exact constraints, determinism, model state, reference PGDs."""
+"""Tests of ntk_theory.attacks: analytic optima, exact constraints, determinism, model state, reference PGDs.
+
+Independent references: closed-form optima of linear models, vertex enumeration of the feasible
+box (exact worst case for linear models), an explicit PGD loop and torchattacks (PGD/FGSM/PGDL2
+without random start). Tests marked ``# Was:`` are regressions: each names a defect a review found
+(fixed since) and fails if it comes back.
+"""
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
@@ -17,6 +24,11 @@ from ntk_theory.dynamics import linearize
 from ntk_theory.layers import finite_mlp
 
 DT = torch.float64
+f64 = DT
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
 
 
 def _neg_margin(out, y):
@@ -366,4 +378,312 @@ def test_type_errors():
     with pytest.raises(TypeError, match="steps"):
         pgd(nn.Linear(2, 2), torch.rand(2, 2), torch.zeros(2, dtype=torch.long), eps=0.1, steps=2.5)
     with pytest.raises(TypeError, match="generator"):
-        pgd(nn.Linear(2, 2), torch.rand(2, 2), torch.zeros(2, dtype=torch.long), eps=0.1, generator=3)
+        pgd(nn.Linear(2, 2), torch.rand(2, 2), torch.zeros(2, dtype=torch.long), eps=0.1, generator="3")
+    with pytest.raises(ValueError, match="generator"):
+        pgd(nn.Linear(2, 2), torch.rand(2, 2), torch.zeros(2, dtype=torch.long), eps=0.1, generator=-1)
+
+
+# ============================================================================ attacks: exact optima
+def _vertices(lower, upper):
+    """All vertices of the box prod_i [lower_i, upper_i] (one sample, d small)."""
+    return torch.stack([torch.stack([(upper if b else lower)[i] for i, b in enumerate(bits)])
+                        for bits in itertools.product([0, 1], repeat=lower.numel())])
+
+
+def test_fgsm_and_pgd_reach_bruteforce_optimum_linear_scalar_mse_with_box():
+    # f(x) = <w, x> + b, MSE with a residual large enough that its sign cannot flip inside the ball:
+    # the worst case over B_inf(x, eps) ∩ [0,1]^d is a vertex, found here by enumeration.
+    g = _gen(11)
+    d, n, eps = 4, 5, 0.2
+    w = torch.randn(d, generator=g, dtype=f64)
+    x = torch.rand(n, d, generator=g, dtype=f64)
+    x[0, :2] = torch.tensor([0.0, 1.0], dtype=f64)      # on the box faces
+    x[1] = 1.0                                           # a corner
+    f = lambda z: z @ w + 0.3                            # noqa: E731
+    y = f(x) + torch.where(torch.rand(n, generator=g, dtype=f64) < 0.5, -5.0, 5.0)
+    loss = lambda z, i: 0.5 * float((f(z[None]) - y[i]) ** 2)  # noqa: E731
+    best = []
+    for i in range(n):
+        lo, hi = torch.clamp(x[i] - eps, min=0.0), torch.clamp(x[i] + eps, max=1.0)
+        best.append(max(loss(v, i) for v in _vertices(lo, hi)))
+    best = torch.tensor(best, dtype=f64)
+    for xa in (fgsm(f, x, y, eps=eps, loss="mse"), pgd(f, x, y, eps=eps, loss="mse", random_start=False, steps=3)):
+        got = torch.tensor([loss(xa[i], i) for i in range(n)], dtype=f64)
+        torch.testing.assert_close(got, best, rtol=1e-13, atol=1e-13)
+
+
+def test_attacks_never_beat_the_bruteforce_maximum_of_a_convex_loss():
+    # 0.5||Wx - y||^2 is convex: its maximum over the feasible box is at a vertex. No feasible
+    # point may exceed it (a violated constraint would show up here).
+    g = _gen(12)
+    d, n, eps = 3, 8, 0.15
+    W = torch.randn(2, d, generator=g, dtype=f64)
+    x = torch.rand(n, d, generator=g, dtype=f64)
+    y = torch.randn(n, 2, generator=g, dtype=f64)
+    f = lambda z: z @ W.T  # noqa: E731
+    attacks = [fgsm(f, x, y, eps=eps, loss="mse"),
+               pgd(f, x, y, eps=eps, loss="mse", steps=20, alpha=0.05, generator=_gen(1))]
+    for i in range(n):
+        lo, hi = torch.clamp(x[i] - eps, min=0.0), torch.clamp(x[i] + eps, max=1.0)
+        vmax = float((0.5 * ((f(_vertices(lo, hi)) - y[i]) ** 2).sum(1)).max())
+        for xa in attacks:
+            assert float(0.5 * ((f(xa[i:i + 1]) - y[i]) ** 2).sum()) <= vmax + 1e-12
+
+
+def test_fgm_l2_linear_exact_step_and_loss_gain():
+    g = _gen(13)
+    w = torch.randn(5, generator=g, dtype=f64)
+    x = torch.randn(4, 5, generator=g, dtype=f64)
+    y = torch.zeros(4, dtype=f64)
+    xa = fgsm(lambda z: z @ w, x, y, eps=0.3, norm="l2", loss=lambda o, t: o, clamp=None)
+    torch.testing.assert_close(xa - x, (0.3 * w / w.norm()).expand(4, 5), rtol=1e-14, atol=1e-15)
+
+
+# ============================================================================ attacks: constraints
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]), st.integers(1, 3),
+       st.integers(1, 9), st.sampled_from(["linf", "l2"]), st.sampled_from([(0.0, 1.0), (0.1, 0.7), None]),
+       st.floats(0.0, 1.0), st.sampled_from(["frac", "tiny", "limit", "subnormal"]), st.integers(0, 10**6),
+       st.integers(0, 3), st.booleans(), st.booleans(), st.sampled_from(["ce", "mse"]))
+def test_exact_ball_and_box_constraints_all_dtypes(dtype, n, d, norm, box, fr, kind, seed, steps, rs, edge, loss):
+    lo, hi = box if box else (-2.0, 2.0)
+    limit = (hi - lo) * (1.0 if norm == "linf" else math.sqrt(d))
+    eps = min(limit, {"frac": fr * limit, "tiny": fr * 1e-6, "limit": limit, "subnormal": 5e-324}[kind])
+    g = _gen(seed)
+    x = lo + (hi - lo) * torch.rand(n, d, generator=g, dtype=f64)
+    if edge:
+        x[:, ::2] = lo
+        x[:, 1::3] = hi
+    x = x.to(dtype)
+    if box is not None:  # keep only samples whose rounded values stay inside the (non-representable) box
+        x = torch.where((x.double() < lo) | (x.double() > hi), torch.tensor(0.5 * (lo + hi), dtype=dtype), x)
+    w1 = torch.randn(d, 5, generator=g, dtype=f64)
+    w2 = torch.randn(5, 3, generator=g, dtype=f64)
+    f = lambda z: torch.tanh(z.double() @ w1) @ w2  # noqa: E731
+    y = torch.randint(0, 3, (n,), generator=g)
+    for xa in (pgd(f, x, y, eps=eps, steps=steps, norm=norm, random_start=rs, clamp=box, generator=g, loss=loss),
+               fgsm(f, x, y, eps=eps, norm=norm, clamp=box, loss=loss)):
+        assert xa.dtype == dtype and xa.shape == x.shape and bool(torch.isfinite(xa).all())
+        delta = xa.double() - x.double()
+        if norm == "linf":
+            assert float(delta.abs().max()) <= eps
+            assert float((xa - x).double().abs().max()) <= eps
+        else:
+            assert float(torch.linalg.vector_norm(delta, dim=1).max()) <= eps
+        if box is not None:
+            assert float(xa.double().min()) >= lo and float(xa.double().max()) <= hi
+
+
+# ============================================================================ attacks: references
+@pytest.fixture(scope="module")
+def tanh_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 4)).eval()
+    g = _gen(0)
+    x = torch.rand(20, 1, 3, 4, generator=g)
+    x[:3] = 0.0
+    x[3:5] = 1.0  # inputs on the box boundary
+    y = torch.randint(0, 4, (20,), generator=g)
+    return net, x, y
+
+
+@pytest.mark.parametrize("eps,alpha,steps", [(0.1, 0.02, 10), (8 / 255, 2 / 255, 7), (1.0, 0.5, 3)])
+def test_pgd_and_fgsm_match_torchattacks(tanh_net, eps, alpha, steps):
+    import torchattacks
+    net, x, y = tanh_net
+    a = pgd(net, x, y, eps=eps, alpha=alpha, steps=steps, random_start=False)
+    b = torchattacks.PGD(net, eps=eps, alpha=alpha, steps=steps, random_start=False)(x, y)
+    assert float((a - b).abs().max()) <= 2e-7
+    assert float((fgsm(net, x, y, eps=eps) - torchattacks.FGSM(net, eps=eps)(x, y)).abs().max()) <= 2e-7
+    e2 = min(4 * eps, 2.0)
+    a2 = pgd(net, x, y, eps=e2, alpha=alpha, steps=steps, random_start=False, norm="l2")
+    b2 = torchattacks.PGDL2(net, eps=e2, alpha=alpha, steps=steps, random_start=False)(x, y)
+    assert float((a2 - b2).abs().max()) <= 1e-5
+
+
+def test_zero_gradient_gives_zero_step_in_both_norms(tanh_net):
+    _, x, y = tanh_net
+    const = lambda z: z.reshape(z.shape[0], -1)[:, :4] * 0.0 + torch.arange(4.0)  # noqa: E731
+    for norm in ("linf", "l2"):
+        assert torch.equal(fgsm(const, x, y, eps=0.1, norm=norm), x)
+        assert torch.equal(pgd(const, x, y, eps=0.1, norm=norm, random_start=False), x)
+    # half the batch with a zero gradient: the other half still moves, nothing is NaN
+    w = torch.randn(12)
+    half = lambda z: (z.reshape(z.shape[0], -1) @ w) * (torch.arange(z.shape[0]) % 2)  # noqa: E731
+    xa = fgsm(half, x, torch.ones(20), eps=0.2, norm="l2", loss="mse", clamp=None)
+    assert bool(torch.isfinite(xa).all())
+    assert torch.equal(xa[0::2], x[0::2]) and bool(((xa[1::2] - x[1::2]).abs().sum((1, 2, 3)) > 0).all())
+
+
+def test_samples_are_attacked_independently_of_the_batch(tanh_net):
+    net, x, y = tanh_net
+    for norm in ("linf", "l2"):
+        full = pgd(net, x, y, eps=0.1, steps=5, random_start=False, norm=norm)
+        single = torch.cat([pgd(net, x[i:i + 1], y[i:i + 1], eps=0.1, steps=5, random_start=False, norm=norm)
+                            for i in range(x.shape[0])])
+        assert float((full - single).abs().max()) <= 1e-6
+
+
+def test_label_and_output_shape_conventions(tanh_net):
+    net, x, y = tanh_net
+    oh = F.one_hot(y, 4).float()
+    assert torch.equal(pgd(net, x, y, eps=0.1, random_start=False), pgd(net, x, oh, eps=0.1, random_start=False))
+    net1 = nn.Sequential(nn.Flatten(), nn.Linear(12, 1))
+    yy = torch.randn(20)
+    a = fgsm(net1, x, yy, eps=0.1, loss="mse", norm="l2")
+    assert torch.equal(a, fgsm(lambda z: net1(z)[:, 0], x, yy, eps=0.1, loss="mse", norm="l2"))
+    assert torch.equal(a, fgsm(net1, x, yy[:, None], eps=0.1, loss="mse", norm="l2"))
+
+
+def test_generator_determinism_and_global_rng(tanh_net):
+    net, x, y = tanh_net
+    for norm in ("linf", "l2"):
+        s = torch.get_rng_state().clone()
+        a = pgd(net, x, y, eps=0.1, norm=norm, generator=_gen(3))
+        assert torch.equal(s, torch.get_rng_state())           # the global RNG is not touched
+        assert torch.equal(a, pgd(net, x, y, eps=0.1, norm=norm, generator=_gen(3)))
+    g = _gen(5)
+    state = g.get_state().clone()
+    pgd(net, x, y, eps=0.1, random_start=False, generator=g)
+    assert torch.equal(state, g.get_state())                   # no random start, no draw
+
+
+def test_inputs_are_not_mutated_and_result_is_detached(tanh_net):
+    net, x, y = tanh_net
+    xr = x.clone().requires_grad_(True)
+    x0, y0 = x.clone(), y.clone()
+    for norm in ("linf", "l2"):
+        for xa in (pgd(net, xr, y, eps=0.1, norm=norm, steps=3, generator=_gen(0)), fgsm(net, xr, y, eps=0.1, norm=norm)):
+            assert not xa.requires_grad and xa.grad_fn is None
+            assert xa.data_ptr() != xr.data_ptr()
+    assert torch.equal(xr.detach(), x0) and torch.equal(y, y0) and xr.grad is None
+
+
+class _BNDropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12)
+        self.bn = nn.BatchNorm1d(12)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.relu(self.bn(self.fc1(x)))))
+
+
+def test_state_restored_even_when_the_attack_raises_after_a_forward():
+    torch.manual_seed(0)
+    net = _BNDropNet().train()
+    bufs = {k: b.clone() for k, b in net.named_buffers()}
+    x = torch.rand(8, 6)
+    with pytest.raises(ValueError, match="y"):  # labels out of range: detected after the first forward
+        pgd(net, x, torch.full((8,), 7), eps=0.1, steps=2)
+    for k, b in net.named_buffers():
+        assert torch.equal(b, bufs[k]), k
+    assert net.training and net.bn.training
+
+
+@pytest.mark.parametrize("kwargs,arg,exc", [
+    (dict(eps=float("nan")), "eps", ValueError),
+    (dict(eps=math.inf, clamp=None), "eps", ValueError),
+    (dict(alpha=float("nan")), "alpha", ValueError),
+    (dict(alpha=math.inf), "alpha", ValueError),
+    (dict(alpha=-0.1), "alpha", ValueError),
+    (dict(steps=True), "steps", TypeError),
+    (dict(clamp=(float("nan"), 1.0)), "clamp", ValueError),
+    (dict(x=torch.rand(5, 4, dtype=torch.complex64)), "x", TypeError),
+    (dict(x=torch.rand(0, 4)), "x", ValueError),
+    (dict(y=torch.zeros(4, 3, dtype=torch.long)), "y", ValueError),
+    (dict(y=torch.full((5,), -1)), "y", ValueError),
+    (dict(x=torch.full((5, 4), math.inf), clamp=None), "x", ValueError),
+])
+def test_more_validation(kwargs, arg, exc):
+    base = dict(x=torch.rand(5, 4), y=torch.zeros(5, dtype=torch.long), eps=0.1)
+    base.update(kwargs)
+    x, y = base.pop("x"), base.pop("y")
+    with pytest.raises(exc, match=arg):
+        pgd(nn.Linear(4, 3), x, y, **base)
+
+
+# ---------------------------------------------------------------------------- attack regressions
+def test_nan_outputs_raise_instead_of_returning_unperturbed_points():
+    # Was: torch.sign(nan) == 0, so a NaN loss/gradient gives a zero linf step and the attack silently returns x
+    # (or the random start) as if it were adversarial; the gradient is never checked for finiteness.
+    x = torch.rand(3, 4)
+    f = lambda z: z.sum(1) * float("nan")  # noqa: E731
+    with pytest.raises(ValueError, match="f"):
+        fgsm(f, x, torch.zeros(3), eps=0.1, loss="mse")
+    with pytest.raises(ValueError, match="f"):
+        pgd(f, x, torch.zeros(3), eps=0.1, loss="mse", generator=_gen(0))
+
+
+def test_l2_attack_with_infinite_gradient_does_not_return_nan():
+    # Was: an infinite input gradient (sqrt at the box face 0) gives g/||g|| = inf/inf = NaN: fgsm(norm="l2")
+    # silently returns NaN points (expected: a clear ValueError, or a finite point of the ball).
+    x = torch.zeros(3, 4)
+    x[:, 0] = 0.5
+    try:
+        xa = fgsm(lambda z: torch.sqrt(z).sum(1), x, torch.full((3,), 2.0), eps=0.1, loss="mse", norm="l2")
+    except ValueError as exc:
+        assert "f" in str(exc)
+    else:
+        assert bool(torch.isfinite(xa).all()), xa
+
+
+@pytest.mark.parametrize("scale", [1e-40, 1e20])
+def test_fgm_l2_step_has_length_eps_for_tiny_and_huge_gradients(scale):
+    # Was: _step divides by max(||g||_2, finfo.tiny) computed on the raw gradient: a subnormal norm (float32,
+    # e.g. CE of a very confident sample, margin ~90) gives a step far shorter than eps, and an overflowing
+    # norm (||g|| = inf) gives a zero step. FGM's step x + eps*g/||g|| has length eps whenever g != 0.
+    x = torch.rand(2, 10)
+    w = torch.full((10,), scale, dtype=torch.float32)
+    xa = fgsm(lambda z: z @ w, x, torch.zeros(2), eps=0.1, norm="l2", loss=lambda o, t: o, clamp=None)
+    torch.testing.assert_close((xa - x).norm(dim=1), torch.full((2,), 0.1), rtol=1e-5, atol=0.0)
+
+
+def test_buffers_reassigned_in_forward_are_restored():
+    # Was: _ModuleStateGuard keeps references to the buffer *objects*; a forward that reassigns a buffer
+    # (self.b = self.b + 1, common in custom running statistics) is not undone, contrary to the docstring.
+    class Counter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, z):
+            self.calls = self.calls + 1
+            return self.lin(z)
+
+    m = Counter()
+    pgd(m, torch.rand(5, 4), torch.zeros(5, dtype=torch.long), eps=0.1, steps=3, generator=_gen(0))
+    assert float(m.calls) == 0.0
+
+
+def test_ce_soft_labels_must_be_probabilities():
+    # Was: float 'ce' targets are documented as class probabilities, but negative entries / rows not summing
+    # to one are accepted silently (the maximised objective is then not a cross-entropy).
+    bad = torch.tensor([[2.0, -1.0, 0.0]] * 3)
+    with pytest.raises(ValueError, match="y"):
+        fgsm(nn.Linear(4, 3), torch.rand(3, 4), bad, eps=0.1)
+
+
+# ---------------------------------------------------------------------------- issue 13: the dtype/device rule
+def test_attacks_cast_inputs_to_the_models_dtype_and_device():
+    # Was: pgd / fgsm with float64 or numpy inputs on a float32 model failed ten frames deep
+    # ("mat1 and mat2 must have the same dtype"); the rule now: inputs take the model's dtype and device
+    net = finite_mlp(4, 16, 1, 3, generator=_gen(0), dtype=torch.float32)
+    x64 = torch.rand(5, 4, generator=_gen(1), dtype=f64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    for xin in (x64, x64.numpy(), x64.tolist()):
+        for atk in (lambda z: pgd(net, z, y, eps=0.1, steps=3, generator=3),
+                    lambda z: fgsm(net, z, y.numpy(), eps=0.1)):
+            xa = atk(xin)
+            assert xa.dtype == torch.float32
+            x32 = x64.float()
+            assert float((xa.double() - x32.double()).abs().max()) <= 0.1
+    ref = pgd(net, x64.float(), y, eps=0.1, steps=3, generator=3)
+    torch.testing.assert_close(pgd(net, x64, y, eps=0.1, steps=3, generator=3), ref, rtol=0, atol=0)
+    # a closure has no dtype: x keeps its own
+    assert pgd(lambda z: z @ torch.ones(4, 3, dtype=f64), x64, y, eps=0.1, steps=1).dtype == f64
+    with pytest.raises(TypeError, match="y: expected real values"):
+        pgd(net, x64, y.to(torch.complex64), eps=0.1)
