@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, jvp
 
-from ._checks import (as_tensor, check_choice, check_deterministic_forward, check_finite, check_nonnegative,
+from ._checks import (as_tensor, cast_like_model, check_choice, check_deterministic_forward, check_finite, check_nonnegative,
                       check_positive, check_rank, check_real)
 from .io import Result
 from .masks import validate_params
@@ -561,7 +561,8 @@ class LinearizedModel(nn.Module):
     A model whose forward is random or couples the examples is refused with a ``ValueError``
     naming ``model`` (dropout with ``p > 0`` or BatchNorm in training mode: two forwards differ,
     so there is no Taylor model), as :func:`ntk_theory.empirical.empirical_ntk` refuses it; call
-    ``model.eval()`` first. ``params`` maps parameter names (raw ``named_parameters()`` names or,
+    ``model.eval()`` first. Inputs ``x`` (tensors or numpy arrays) are cast to the dtype and device of
+    ``θ`` (awt's dtype rule; complex refused), differentiably. ``params`` maps parameter names (raw ``named_parameters()`` names or,
     on a masked model, canonical ones such as ``"2.weight"``) to values; they are cast to the
     model parameter's dtype and device (awt's dtype rule).
     """
@@ -610,11 +611,13 @@ class LinearizedModel(nn.Module):
         c.update({k: getattr(self, f"_buffer_{i}") for i, k in enumerate(self.buffer_names)})
         return c
 
-    def f0(self, x: torch.Tensor) -> torch.Tensor:
+    def f0(self, x) -> torch.Tensor:
         """``f(θ_0; x)``."""
+        x = cast_like_model(x, "x", self)
         return functional_call(self.base_model, {**self.theta0, **self._constants()}, (x,))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        x = cast_like_model(x, "x", self)
         consts = self._constants()
 
         def fn(p):

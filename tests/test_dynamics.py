@@ -843,7 +843,7 @@ def test_expm_gap_rejects_bad_input():
 # --------------------------------------------------------------------------------------------- linearize
 def test_linearized_cnn_matches_torch_func_jacobian_and_trains_like_closed_form():
     g = torch.Generator().manual_seed(4)
-    model = finite_cnn(1, 3, 1, (4, 4), 2, sigma_b=0.2, generator=g)
+    model = finite_cnn((1, 4, 4), 3, 1, 2, sigma_b=0.2, generator=g)
     x = torch.randn(3, 1, 4, 4, generator=g, dtype=D)
     lin = linearize(model)
     params0 = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -929,3 +929,21 @@ def test_flow_results_are_frozen_io_results():
     d = res.to_dict()
     assert d["f_train"] == res.f_train.tolist() and d["lr"] == 1.0 and d["f_test"] is None
     assert mom.to_dict()["cov"] == mom.cov.tolist()
+
+
+def test_linearized_model_casts_inputs_to_its_dtype():
+    # Was: lin(x) with float64 or numpy inputs on a float32 model failed inside functional_call ("mat1 and mat2
+    # must have the same dtype"); the dtype rule: inputs take the model's dtype and device, differentiably
+    model = finite_mlp(3, 8, 1, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    lin = linearize(model)
+    x = torch.rand(4, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    ref = lin(x.float())
+    assert ref.dtype == torch.float32
+    torch.testing.assert_close(lin(x), ref, rtol=0, atol=0)
+    torch.testing.assert_close(lin(x.numpy()), ref, rtol=0, atol=0)
+    torch.testing.assert_close(lin.f0(x), model(x.float()), rtol=0, atol=0)
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(lin(xr).sum(), xr)
+    assert g.dtype == D and bool(g.abs().sum() > 0)
+    with pytest.raises(TypeError, match="x: expected real values"):
+        lin(x.to(torch.complex128))
