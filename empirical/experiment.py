@@ -634,21 +634,16 @@ def run_one(spec: RunSpec, rdir: Path, *, dense_dir: Path | None, progress: bool
                 raise RuntimeError(f"the dense reference run {dense_dir} has not finished")
             probe = torch.load(dense_dir / "probe.pt", weights_only=False)
             ticket_path = rdir / "ticket.pt"
-            if ticket_path.exists():
-                ticket = torch.load(ticket_path, weights_only=False)
-            else:
+            if not ticket_path.exists():
                 from .tickets import find_ticket
 
-                tr = find_ticket(spec.method, model, ds, spec.density, scope=spec.scope,
-                                 skip_first=spec.skip_first, seed=spec.seed, device=device, progress=False,
-                                 **spec.hparams)
-                ticket = {"mask": {k: v.cpu() for k, v in tr.mask.items()},
-                          "init_state": {k: v.cpu() for k, v in tr.init_state.items()},
-                          "rescale": bool(getattr(tr, "rescale", False)),
-                          "search_seconds": float(tr.search_seconds),
-                          "diagnostics": to_jsonable(getattr(tr, "diagnostics", None)),
-                          "meta": _ticket_meta(tr)}
-                atomic_torch_save(ticket_path, ticket)
+                find_ticket(spec.method, model, ds, spec.density, scope=spec.scope, skip_first=spec.skip_first,
+                            seed=spec.seed, device=device, progress=False, **spec.hparams).save(ticket_path)
+            from .tickets import load_ticket
+
+            ticket = load_ticket(ticket_path)
+            ticket["meta"] = {"density": ticket.get("density"), "nonzero": ticket.get("nonzeros"),
+                              "flops": ticket.get("flops"), "dense_flops": ticket.get("dense_flops")}
             mask, rescale = ticket["mask"], ticket["rescale"]
             model.load_state_dict(ticket["init_state"])
             search_seconds, diagnostics, ticket_meta = ticket["search_seconds"], ticket["diagnostics"], ticket["meta"]
@@ -678,24 +673,6 @@ def run_one(spec: RunSpec, rdir: Path, *, dense_dir: Path | None, progress: bool
         return rec
     finally:
         bar.close()
-
-
-def _ticket_meta(tr) -> dict:
-    meta = {}
-    for name in ("density", "nonzero", "nonzeros", "flops"):
-        v = getattr(tr, name, None)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            meta["nonzero" if name == "nonzeros" else name] = v
-    if "density" not in meta:
-        try:
-            from ntk_theory.masks import mask_density
-
-            meta["density"] = float(mask_density(tr.mask))
-        except Exception:  # noqa: BLE001
-            pass
-    if "nonzero" not in meta:
-        meta["nonzero"] = int(sum(int(m.sum()) for m in tr.mask.values()))
-    return meta
 
 
 class _Tracker:
