@@ -217,6 +217,9 @@ def _fig_robust(rs: Sequence[Mapping], title: str, path: Path) -> Path:
         ax.set_xscale("log")
         ax.set_xticks(densities)
         ax.set_xticklabels([f"{q:g}" for q in densities])
+        from matplotlib.ticker import NullFormatter
+
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("density (fraction of weights kept)")
     ax.set_ylabel("PGD robust test accuracy")
     ax.set_title(title)
