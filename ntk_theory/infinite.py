@@ -505,7 +505,9 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
         ntk = None if s.ntk is None else torch.add(nngp, s.ntk, alpha=sw2)
         return replace(s, nngp=nngp, ntk=ntk, var1=sw2 * s.var1 + sb2, var2=sw2 * s.var2 + sb2, flattened=False)
 
-    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+    def finite(shape: tuple[int, ...], *, width: int, out_features: int, is_readout: bool,
+               generator: torch.Generator | None, dtype: torch.dtype,
+               device: torch.device | None) -> tuple[nn.Module, tuple[int, ...]]:
         _need_rank(shape, 1, "Dense", "; put Flatten() or GlobalAvgPool() before Dense for images")
         n_out = out_features if is_readout else width
         return (_fl.NTKLinear(shape[0], n_out, sigma_w=sw, sigma_b=sb, generator=generator, dtype=dtype, device=device),
@@ -564,7 +566,9 @@ def Conv(kernel_size: int = 3, sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, 
         v2 = v1 if s.var2 is s.var1 else _patch_sum(s.var2, k, s.spatial).mul(c_w).add_(sb2)
         return replace(s, nngp=nngp, ntk=ntk, var1=v1, var2=v2)
 
-    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+    def finite(shape: tuple[int, ...], *, width: int, out_features: int, is_readout: bool,
+               generator: torch.Generator | None, dtype: torch.dtype,
+               device: torch.device | None) -> tuple[nn.Module, tuple[int, ...]]:
         if is_readout:
             raise ValueError("layers: a Conv cannot be the readout; end with Flatten()/GlobalAvgPool() and Dense()")
         _need_rank(shape, 3, "Conv")
@@ -596,7 +600,9 @@ def _nonlin(name: str, expect, module_fn: Callable[[], nn.Module], *, slopes: tu
             v2 = expect(c2, a2, b2)[0]
         return replace(s, nngp=nngp, ntk=ntk, var1=v1, var2=v2)
 
-    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+    def finite(shape: tuple[int, ...], *, width: int, out_features: int, is_readout: bool,
+               generator: torch.Generator | None, dtype: torch.dtype,
+               device: torch.device | None) -> tuple[nn.Module, tuple[int, ...]]:
         return module_fn(), shape
 
     return Layer(name, kernel, finite, "nonlin", slopes=slopes, activation=activation)
@@ -642,7 +648,9 @@ def Identity() -> Layer:
     """The identity (linear network): leaves both kernels unchanged."""
     act = _acts.get("identity")
 
-    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+    def finite(shape: tuple[int, ...], *, width: int, out_features: int, is_readout: bool,
+               generator: torch.Generator | None, dtype: torch.dtype,
+               device: torch.device | None) -> tuple[nn.Module, tuple[int, ...]]:
         return act.module(), shape
 
     return Layer("Identity()", lambda s: s, finite, "nonlin", slopes=(1.0, 1.0), activation=act)
@@ -668,7 +676,9 @@ def Flatten() -> Layer:
         nngp, v2 = _pin_duplicates(s.dup, red(s.nngp), v1, v2)
         return replace(s, nngp=nngp, ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2, flattened=True)
 
-    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+    def finite(shape: tuple[int, ...], *, width: int, out_features: int, is_readout: bool,
+               generator: torch.Generator | None, dtype: torch.dtype,
+               device: torch.device | None) -> tuple[nn.Module, tuple[int, ...]]:
         return nn.Flatten(), (math.prod(shape),)
 
     return Layer("Flatten()", kernel, finite, "readout", input_kind="any")
@@ -692,7 +702,9 @@ def GlobalAvgPool() -> Layer:
         nngp, v2 = _pin_duplicates(s.dup, red(s.nngp), v1, v2)
         return replace(s, nngp=nngp, ntk=None if s.ntk is None else red(s.ntk), var1=v1, var2=v2)
 
-    def finite(shape, *, width, out_features, is_readout, generator, dtype, device):
+    def finite(shape: tuple[int, ...], *, width: int, out_features: int, is_readout: bool,
+               generator: torch.Generator | None, dtype: torch.dtype,
+               device: torch.device | None) -> tuple[nn.Module, tuple[int, ...]]:
         _need_rank(shape, 3, "GlobalAvgPool")
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), (shape[0],)
 

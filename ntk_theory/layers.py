@@ -165,6 +165,9 @@ def finite_cnn(in_shape: tuple[int, int, int], width: int, depth: int, out_featu
     """
     from .infinite import Conv, Dense, Flatten, GlobalAvgPool, serial
     from .activations import get
+    if not isinstance(in_shape, (tuple, list, torch.Size)):
+        raise TypeError(f"in_shape: expected the per-example image shape (C, H, W), got {in_shape!r}; the arguments are "
+                        "finite_cnn(in_shape, width, depth, out_features=1, ...), as finite_mlp's")
     depth = check_int(depth, "depth", minimum=1)
     check_choice(readout, "readout", ("flatten", "gap"))
     act = get(activation, kernel=True)
