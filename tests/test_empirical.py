@@ -13,14 +13,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from ntk_theory.empirical import empirical_ntk
+from ntk_theory.empirical import Budgets, empirical_ntk
 from ntk_theory.layers import ErfActivation, NTKConv2d, NTKLinear, finite_mlp
 from ntk_theory.masks import apply_mask, random_mask, raw_name
 
-from ntk_helpers import TOL, assert_rel, engine_taken
+from ntk_helpers import TOL, assert_rel
 from ntk_helpers import gen as _gen
 
 D = torch.float64
+
+
+def engine_taken(model, x, **kw) -> bool:
+    """Whether the structured path traces ``model`` on ``x`` with the sequential engine (the supported
+    way to ask: ``return_info=True``)."""
+    _, info = empirical_ntk(model, x, method="structured", return_info=True, **kw)
+    return info.tracer == "sequential"
 
 
 def lenet(bias: bool = True, pool: str = "max", c1: int = 3, c2: int = 4, out: int = 3, seed: int = 0) -> nn.Module:
@@ -140,9 +147,8 @@ def test_shapes():
     assert float(torch.linalg.eigvalsh(mat).min()) > -1e-10 * float(mat.abs().max())
 
 
-def test_symmetric_tiling_and_internal_chunking(monkeypatch):
+def test_symmetric_tiling_and_internal_chunking():
     """Large symmetric batches are tiled (2x2, 3x3); tiny memory budgets force every chunked path."""
-    from ntk_theory import empirical as E
     for out, sizes in ((8, (70,)), (1, (600, 1100))):  # output-group tiles; N-tiles 2x2 and 3x3
         model = finite_mlp(3, 5, 1, out, sigma_b=0.2, generator=_gen(4))
         m = random_mask(model, 0.5, generator=4, include_bias=True)
@@ -157,22 +163,22 @@ def test_symmetric_tiling_and_internal_chunking(monkeypatch):
     mc = random_mask(cnn, 0.5, generator=1, include_bias=True)
     refs = {(mode, i): empirical_ntk(cnn, xc, None if mode == "diagonal" else xc2, mode=mode, method="jacobian", **kw)
             for mode in ("full", "trace", "diagonal") for i, kw in enumerate(({}, {"mask": mc}))}
-    monkeypatch.setattr(E, "_TEMP_ELEMS", 64)
-    monkeypatch.setattr(E, "_JAC_ELEMS", 8 * 2000)
+    tiny = Budgets(temp_elems=64, jac_elems=8 * 2000)
     for (mode, i), ref in refs.items():
         kw = ({}, {"mask": mc})[i]
         xb = None if mode == "diagonal" else xc2
-        assert_rel(empirical_ntk(cnn, xc, xb, mode=mode, method="structured", **kw), ref)
-    assert_rel(empirical_ntk(cnn, xc, xc2, method="jacobian"), refs[("full", 0)])
-    monkeypatch.setattr(E, "_JVP_ELEMS", 500)
-    assert_rel(empirical_ntk(cnn, xc, xc2, method="jvp", mask=mc), refs[("full", 1)])
-    assert_rel(empirical_ntk(cnn, xc, mode="diagonal", method="jvp"), refs[("diagonal", 0)])
+        assert_rel(empirical_ntk(cnn, xc, xb, mode=mode, method="structured", budgets=tiny, **kw), ref)
+    K, info = empirical_ntk(cnn, xc, xc2, method="jacobian", budgets=tiny, return_info=True)
+    assert_rel(K, refs[("full", 0)])
+    assert info.method == "jacobian"
+    tiny = Budgets(jvp_elems=500)
+    assert_rel(empirical_ntk(cnn, xc, xc2, method="jvp", mask=mc, budgets=tiny), refs[("full", 1)])
+    assert_rel(empirical_ntk(cnn, xc, mode="diagonal", method="jvp", budgets=tiny), refs[("diagonal", 0)])
 
 
-def test_conv_parameter_subsets_and_signal_chunks(monkeypatch):
+def test_conv_parameter_subsets_and_signal_chunks():
     """Convolutions with only the bias, only the weight, or a masked bias differentiated (the bias
     is folded into the patches as a row of ones), and the example chunks of the stacked signals."""
-    from ntk_theory import empirical as E
     cnn = lenet()
     named = dict(cnn.named_parameters())
     x1 = torch.randn(5, 1, 12, 12, dtype=D, generator=_gen(11))
@@ -185,12 +191,10 @@ def test_conv_parameter_subsets_and_signal_chunks(monkeypatch):
     for kw, xb in cases:
         refs.append({mode: empirical_ntk(cnn, x1, xb, mode=mode, method="jacobian", **kw)
                      for mode in ("full", "trace", "diagonal") if not (mode == "diagonal" and xb is not None)})
-    for sig in (None, 1):
-        if sig is not None:
-            monkeypatch.setattr(E, "_SIG_ELEMS", sig)  # one example per chunk
+    for budgets in (None, Budgets(sig_elems=1)):  # one example per chunk
         for (kw, xb), ref in zip(cases, refs):
             for mode, r in ref.items():
-                assert_rel(empirical_ntk(cnn, x1, xb, mode=mode, method="structured", **kw), r)
+                assert_rel(empirical_ntk(cnn, x1, xb, mode=mode, method="structured", budgets=budgets, **kw), r)
 
 def test_weight_reuse_and_sequence_inputs():
     """A Linear applied twice, and a Linear on (N, T, K) inputs: the several-position path."""
@@ -312,11 +316,8 @@ def test_hypothesis_structured_and_jvp_match_reference(arch, n1, n2, data):
     for method in ("structured", "jvp"):
         assert_rel(empirical_ntk(model, x1, x2, mode=mode, method=method, block_size=bs, **kw), ref)
     if data.draw(st.booleans()):  # the autograd trace where the sequential engine would apply
-        from unittest import mock
-
-        from ntk_theory import empirical as E
-        with mock.patch.object(E, "_trace_sequential", lambda *a: None):
-            assert_rel(empirical_ntk(model, x1, x2, mode=mode, method="structured", block_size=bs, **kw), ref)
+        assert_rel(empirical_ntk(model, x1, x2, mode=mode, method="structured", block_size=bs, tracer="autograd",
+                                 **kw), ref)
 
 
 # ------------------------------------------------------------------------------------------
@@ -643,10 +644,9 @@ def test_cuda_same_code_path():
 # Conv -> ReLU -> MaxPool2d: signals carried at the pool output (structured path)
 # ------------------------------------------------------------------------------------------
 def _pool_path_taken(model, x) -> list[bool]:
-    from ntk_theory import empirical as E
-    prob = E._prepare(model, None, None, "subnetwork", None)
-    layers = E._structured_layers(prob)
-    return [j.pool is not None for j in E._trace(prob, layers, x).jacs]
+    """Per explicit-Jacobian layer of the autograd tracer: is it carried in its pool form?"""
+    _, info = empirical_ntk(model, x, method="structured", tracer="autograd", return_info=True)
+    return [lay.form.startswith("pool") for lay in info.layers if lay.form != "gram"]
 
 
 def _relu_pool_cnn(variant: str) -> nn.Module:
@@ -689,14 +689,12 @@ def test_conv_relu_maxpool_path_matches_reference(variant, taken, masked):
                 assert_rel(empirical_ntk(model, x1, xb, mode=mode, method="structured", block_size=bs, **kw), ref)
 
 
-def test_conv_relu_maxpool_signal_chunks_and_fallbacks(monkeypatch):
-    from ntk_theory import empirical as E
+def test_conv_relu_maxpool_signal_chunks_and_fallbacks():
     model = _relu_pool_cnn("plain")
     x = torch.randn(7, 1, 11, 11, generator=_gen(6), dtype=D)
     ref = empirical_ntk(model, x, method="jacobian")
-    monkeypatch.setattr(E, "_SIG_ELEMS", 200)  # one example per chunk of signals
-    assert_rel(empirical_ntk(model, x, method="structured"), ref)
-    monkeypatch.undo()
+    for tracer in ("sequential", "autograd"):  # one example per chunk of signals
+        assert_rel(empirical_ntk(model, x, method="structured", tracer=tracer, budgets=Budgets(sig_elems=200)), ref)
     # the conv called twice (weight reuse): the pattern is not followed at run time -> ordinary trace
     torch.manual_seed(0)
     conv = nn.Conv2d(1, 1, 3)
@@ -724,15 +722,11 @@ def test_conv_relu_maxpool_signal_chunks_and_fallbacks(monkeypatch):
 # ------------------------------------------------------------------------------------------
 def _all_paths_match(model, x1, x2=None, **kw):
     """structured (engine where taken, and the autograd trace forced) equals the jacobian reference."""
-    from unittest import mock
-
-    from ntk_theory import empirical as E
     for mode in ("full", "trace", "diagonal"):
         xb = None if mode == "diagonal" else x2
         ref = empirical_ntk(model, x1, xb, mode=mode, method="jacobian", **kw)
         assert_rel(empirical_ntk(model, x1, xb, mode=mode, method="structured", **kw), ref)
-        with mock.patch.object(E, "_trace_sequential", lambda *a: None):
-            assert_rel(empirical_ntk(model, x1, xb, mode=mode, method="structured", **kw), ref)
+        assert_rel(empirical_ntk(model, x1, xb, mode=mode, method="structured", tracer="autograd", **kw), ref)
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, ErfActivation, nn.Identity])
@@ -845,3 +839,61 @@ def test_training_mode_batchnorm_and_dropout_are_refused_without_side_effects():
     drop.train()
     drop[1].p = 0.0  # p = 0 is deterministic: accepted in training mode
     assert_rel(empirical_ntk(drop, x), empirical_ntk(drop, x, method="jacobian"))
+
+
+# ------------------------------------------------------------------------------------------
+# Which path was taken: return_info, tracer=, budgets=
+# ------------------------------------------------------------------------------------------
+def test_return_info_reports_method_tracer_and_layer_forms():
+    model = lenet()
+    x = torch.randn(3, 1, 12, 12, dtype=D, generator=_gen(0))
+    K, info = empirical_ntk(model, x, return_info=True)
+    assert torch.equal(K, empirical_ntk(model, x))
+    assert (info.method, info.tracer, info.declined) == ("structured", "sequential", None)
+    assert [(lay.name, lay.form) for lay in info.layers] == [("0", "jacobian"), ("3", "pool-scattered"),
+                                                             ("7", "gram"), ("9", "gram")]
+    assert info.budgets == Budgets() and info.to_dict()["layers"][2] == {"name": "7", "form": "gram"}
+    _, info = empirical_ntk(model, x, tracer="autograd", return_info=True)
+    assert info.tracer == "autograd" and [lay.form for lay in info.layers][2:] == ["gram", "gram"]
+    # auto falls back where the structured path does not apply, and says why
+    bil = _Bilinear().to(D)
+    xb = torch.randn(3, 4, dtype=D, generator=_gen(1))
+    K, info = empirical_ntk(bil, xb, return_info=True)
+    assert info.method in ("jacobian", "jvp") and info.tracer is None and "LayerNorm" in info.declined
+    assert_rel(K, empirical_ntk(bil, xb, method="jacobian"))
+
+
+def _Bilinear() -> nn.Module:
+    """A model with parameters outside Linear/Conv2d (LayerNorm's): the structured path declines."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, 2))
+
+
+def test_tracer_and_budgets_arguments_are_validated():
+    model = mlp()
+    x = torch.randn(3, 4, dtype=D, generator=_gen(0))
+    with pytest.raises(ValueError, match="tracer"):
+        empirical_ntk(model, x, tracer="hooks")
+    with pytest.raises(ValueError, match="tracer"):
+        empirical_ntk(model, x, method="jacobian", tracer="autograd")
+    with pytest.raises(ValueError, match="tracer"):  # not a plain Sequential: the engine cannot be forced
+        empirical_ntk(_Twice2().to(D), x, tracer="sequential")
+    with pytest.raises(ValueError, match="tracer"):  # nor can the structured path on a model it does not handle
+        empirical_ntk(_Bilinear().to(D), x, tracer="autograd")
+    with pytest.raises(TypeError, match="budgets"):
+        empirical_ntk(model, x, budgets={"temp_elems": 1})
+    with pytest.raises(TypeError, match="return_info"):
+        empirical_ntk(model, x, return_info=1)
+    for bad in (dict(temp_elems=0), dict(jac_elems=1.5), dict(sym_split_rows=(512,)), dict(gather_min_q=True)):
+        with pytest.raises(ValueError, match="budgets"):
+            Budgets(**bad)
+
+
+class _Twice2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.l(torch.tanh(self.l(x)))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 from collections import OrderedDict
-from unittest import mock
 
 import pytest
 import torch
@@ -19,12 +18,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from ntk_theory import empirical as E
-from ntk_theory.empirical import empirical_ntk
+from ntk_theory.empirical import Budgets, empirical_ntk
 from ntk_theory.layers import ErfActivation, NTKConv2d, NTKLinear
 from ntk_theory.masks import apply_mask, random_mask
 
-from ntk_helpers import TOL, assert_rel, engine_taken
+from ntk_helpers import TOL, assert_rel
 from ntk_helpers import gen as _gen
 
 D = torch.float64
@@ -40,19 +38,39 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _matches(model, x1, x2=None, block_sizes=(None,), **kw) -> None:
-    """structured == jacobian in every mode (and for each block size)."""
+def _matches(model, x1, x2=None, block_sizes=(None,), tracer="auto", budgets=None, **kw) -> None:
+    """structured (with ``tracer``: "autograd" forces the hook tracer) == jacobian in every mode
+    (and for each block size)."""
     for mode in MODES:
         xb = None if mode == "diagonal" else x2
         ref = empirical_ntk(model, x1, xb, mode=mode, method="jacobian", **kw)
         for bs in block_sizes:
-            out = empirical_ntk(model, x1, xb, mode=mode, method="structured", block_size=bs, **kw)
+            out = empirical_ntk(model, x1, xb, mode=mode, method="structured", block_size=bs, tracer=tracer,
+                                budgets=budgets, **kw)
             assert_rel(out, ref)
 
 
-def _autograd_trace_only():
-    """Switch the engine off: the autograd-hook tracer ``_trace`` computes the features."""
-    return mock.patch.object(E, "_trace_sequential", lambda *a: None)
+def engine_taken(model, x, **kw) -> bool:
+    """Whether the structured path traces ``model`` on ``x`` with the sequential engine (the supported
+    way to ask: ``return_info=True``)."""
+    _, info = empirical_ntk(model, x, method="structured", return_info=True, **kw)
+    return info.tracer == "sequential"
+
+
+def _forms(model, x, **kw) -> list[str]:
+    """The feature form of each differentiated layer (``NTKInfo.layers``)."""
+    _, info = empirical_ntk(model, x, method="structured", return_info=True, **kw)
+    return [lay.form for lay in info.layers]
+
+
+def _unhooked(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _asymmetric_same_padding(m: nn.Module) -> bool:
+    """A conv with padding='same' whose span ``dilation (k - 1)`` is odd in some dimension."""
+    return (isinstance(m, nn.Conv2d) and m.padding == "same"
+            and any(d * (k - 1) % 2 for k, d in zip(m.kernel_size, m.dilation)))
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:
@@ -190,7 +208,7 @@ def test_random_sequential_architectures_match_reference(case):
     frozen parameters, block sizes, ties: the engine is taken unless a conv has asymmetric 'same'
     padding, and agrees with the reference."""
     model, x1, x2, kw, bs = case
-    asym = any(isinstance(m, nn.Conv2d) and E._conv_padding(m) is None for m in model.modules())
+    asym = any(_asymmetric_same_padding(m) for m in model.modules())
     assert engine_taken(model, x1, **kw) == (not asym), model
     _matches(model, x1, x2, block_sizes=(bs,), **kw)
 
@@ -209,7 +227,7 @@ def _pool_cnn(seed: int, bias: bool = True, ntk: bool = False, k: int = 3, pool=
 
 @pytest.mark.parametrize("arch", [dict(), dict(bias=False), dict(ntk=True), dict(H=17, k=2), dict(H=26, pool=(2, 3))])
 @pytest.mark.parametrize("variant", ["dense", "mask", "ntt", "bias_only", "tiny_chunks"])
-def test_gathered_pool_form_matches_reference(arch, variant, monkeypatch):
+def test_gathered_pool_form_matches_reference(arch, variant):
     """Q = 8 x 8 (or more) pooled positions per channel: the gathered pool-form Jacobian, with dead
     windows (all-negative input: ReLU' = 0 at the argmax), ties, odd conv outputs (uncovered row and
     column), rectangular pools, masks with biases, bias-only differentiation, one example per chunk."""
@@ -225,25 +243,24 @@ def test_gathered_pool_form_matches_reference(arch, variant, monkeypatch):
         kw = dict(params={n: p.detach() for n, p in model.named_parameters() if n.endswith("bias")})
         if not any(n.startswith("0.") for n in kw["params"]):  # conv without bias: its weight alone
             kw["params"]["0.weight"] = model[0].weight.detach()
-    elif variant == "tiny_chunks":
-        monkeypatch.setattr(E, "_SIG_ELEMS", 1)
-    calls = []
-    orig = E._Jac._gathered
-    monkeypatch.setattr(E._Jac, "_gathered", lambda self, s, J: calls.append(s) or orig(self, s, J))
+    budgets = Budgets(sig_elems=1) if variant == "tiny_chunks" else None  # one example per chunk
     assert engine_taken(model, x1, **kw)
-    _matches(model, x1, x2, block_sizes=(None, 2), **kw)
-    assert calls, "the gathered pool form was not used"
+    for tracer in ("sequential", "autograd"):
+        assert "pool-gathered" in _forms(model, x1, tracer=tracer, **kw), tracer
+    _matches(model, x1, x2, block_sizes=(None, 2), budgets=budgets, **kw)
 
 
-def test_scattered_pool_form_below_gather_threshold(monkeypatch):
-    """Q < _GATHER_MIN_Q: the scattered pool form, including column P for dead windows."""
-    calls = []
-    orig = E._Jac._gathered
-    monkeypatch.setattr(E._Jac, "_gathered", lambda self, s, J: calls.append(s) or orig(self, s, J))
+def test_scattered_pool_form_below_gather_threshold():
+    """Q < Budgets.gather_min_q: the scattered pool form, including column P for dead windows; the
+    same model gathered once the threshold is lowered (Budgets(gather_min_q=16))."""
     model = _pool_cnn(5, H=10)  # 8 x 8 conv output -> 4 x 4 = 16 pooled positions
     x1 = _with_ties(torch.randn(4, 2, 10, 10, dtype=D, generator=_gen(3)))
-    _matches(model, x1, torch.randn(3, 2, 10, 10, dtype=D, generator=_gen(4)), block_sizes=(None, 3))
-    assert not calls
+    x2 = torch.randn(3, 2, 10, 10, dtype=D, generator=_gen(4))
+    assert _forms(model, x1)[0] == "pool-scattered"
+    _matches(model, x1, x2, block_sizes=(None, 3))
+    low = Budgets(gather_min_q=16)
+    assert _forms(model, x1, budgets=low)[0] == "pool-gathered"
+    _matches(model, x1, x2, block_sizes=(None, 3), budgets=low)
 
 
 # ------------------------------------------------------------------------------------------
@@ -337,7 +354,7 @@ def test_engine_leaves_model_and_inputs_untouched():
     assert torch.equal(x, x_before)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert flags == {k: p.requires_grad for k, p in model.named_parameters()}
-    assert all(E._unhooked(m) for m in model.modules())
+    assert all(_unhooked(m) for m in model.modules())
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,8 +368,7 @@ def test_regression_tied_frozen_weight_crashes_engine():
     model[2].weight = model[0].weight
     model[0].weight.requires_grad_(False)
     x = torch.randn(3, 4, dtype=D, generator=_gen(0))
-    with _autograd_trace_only():
-        _matches(model, x)  # the autograd tracer handles it
+    _matches(model, x, tracer="autograd")  # the autograd tracer handles it
     _matches(model, x)
 
 
@@ -364,8 +380,7 @@ def test_regression_weight_held_as_buffer_crashes_engine():
     del model[0].weight
     model[0].register_buffer("weight", w)
     x = torch.randn(3, 4, dtype=D, generator=_gen(0))
-    with _autograd_trace_only():
-        _matches(model, x)
+    _matches(model, x, tracer="autograd")
     _matches(model, x)
 
 
@@ -377,8 +392,7 @@ def test_regression_pool_window_entirely_in_padding_crashes_engine():
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.MaxPool2d((1, 2), stride=1, padding=(0, 1), dilation=2), nn.ReLU(),
                           nn.Flatten(), nn.Linear(2 * 3 * 1, 2)).to(D)
     x = torch.randn(3, 1, 3, 1, dtype=D, generator=_gen(0))
-    with _autograd_trace_only():
-        _matches(model, x)
+    _matches(model, x, tracer="autograd")
     _matches(model, x)
 
 
@@ -399,8 +413,7 @@ def test_regression_stale_width_attributes(kind):
         model[0].weight = nn.Parameter(torch.randn(2, 1, 3, 3, dtype=D))
         model[0].bias = nn.Parameter(torch.randn(2, dtype=D))
         x = torch.randn(3, 1, 6, 6, dtype=D, generator=_gen(1))
-    with _autograd_trace_only():
-        _matches(model, x)
+    _matches(model, x, tracer="autograd")
     _matches(model, x)
 
 
@@ -411,8 +424,8 @@ def test_regression_input_requiring_grad():
     x = torch.randn(3, 4, dtype=D, generator=_gen(0))
     refs = {mode: empirical_ntk(model, x, mode=mode, method="jacobian") for mode in MODES}
     for mode in MODES:
-        with _autograd_trace_only():
-            out = empirical_ntk(model, x.clone().requires_grad_(True), mode=mode, method="structured")
+        out = empirical_ntk(model, x.clone().requires_grad_(True), mode=mode, method="structured",
+                            tracer="autograd")
         assert not out.requires_grad
         assert_rel(out, refs[mode])
     for mode in MODES:
@@ -438,8 +451,7 @@ def test_regression_instance_forward_and_call_overrides_ignored(case):
                 return 2 * super().__call__(h)
         model[5] = TwiceTanh()
     x = torch.randn(3, 1, 6, 6, dtype=D, generator=_gen(1))
-    with _autograd_trace_only():
-        _matches(model, x)
+    _matches(model, x, tracer="autograd")
     _matches(model, x)
 
 
@@ -458,8 +470,7 @@ def test_regression_gains_of_frozen_layers(case):
     for p in model[0].parameters():
         p.requires_grad_(False)
     x = torch.randn(3, 4, dtype=D, generator=_gen(7))
-    with _autograd_trace_only():
-        _matches(model, x)
+    _matches(model, x, tracer="autograd")
     _matches(model, x)
 
 

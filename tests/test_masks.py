@@ -258,7 +258,7 @@ def test_apply_mask_refuses_foreign_parametrizations_and_bad_masks():
 
 
 def test_masks_on_cnn_and_parametrization_module():
-    model = finite_cnn(1, 4, 2, (6, 6), 2, generator=torch.Generator().manual_seed(0))
+    model = finite_cnn((1, 6, 6), 4, 2, 2, generator=torch.Generator().manual_seed(0))
     m = random_mask(model, 0.5, generator=0)
     assert set(m) == {"2.weight", "5.weight"}
     apply_mask(model, m, rescale=True)
@@ -282,7 +282,7 @@ _raw_name_rv = raw_name
 
 @given(q=st.floats(0.01, 1.0), seed=st.integers(0, 1000), include_bias=st.booleans(), skip_first=st.booleans())
 def test_random_mask_exact_layerwise_density_and_skip_first(q, seed, include_bias, skip_first):
-    model = finite_cnn(2, 3, 2, (4, 4), 2, sigma_b=0.1, generator=torch.Generator().manual_seed(0))
+    model = finite_cnn((2, 4, 4), 3, 2, 2, sigma_b=0.1, generator=torch.Generator().manual_seed(0))
     m = random_mask(model, q, generator=seed, include_bias=include_bias, skip_first=skip_first)
     params = dict(model.named_parameters())
     expected = {"0.weight", "0.bias", "2.weight", "2.bias", "5.weight", "5.bias"}
@@ -309,7 +309,7 @@ def test_random_mask_does_not_touch_model_or_global_rng():
 
 @pytest.mark.parametrize("rescale", [False, True])
 def test_apply_mask_rescale_is_exactly_inverse_sqrt_q_and_remove_restores(rescale):
-    model = finite_cnn(1, 4, 2, (5, 5), 2, sigma_b=0.3, generator=torch.Generator().manual_seed(1))
+    model = finite_cnn((1, 5, 5), 4, 2, 2, sigma_b=0.3, generator=torch.Generator().manual_seed(1))
     m = random_mask(model, 0.3, generator=0, include_bias=True)
     m["0.weight"] = torch.ones_like(model[0].weight, dtype=torch.bool)  # an all-True layer
     objs = {k: p for k, p in model.named_parameters()}
@@ -393,7 +393,7 @@ def test_remove_mask_restores_parameter_order():
     # Was: remove_parametrizations re-registers `weight` after `bias`, so after apply_mask + remove_mask the
     # order of model.parameters() changes ('0.bias' before '0.weight'): flat parameter vectors
     # (parameters_to_vector) and index-keyed optimizer state no longer line up with the original model
-    model = finite_cnn(1, 4, 2, (5, 5), 2, sigma_b=0.3, generator=torch.Generator().manual_seed(1))
+    model = finite_cnn((1, 5, 5), 4, 2, 2, sigma_b=0.3, generator=torch.Generator().manual_seed(1))
     names = [k for k, _ in model.named_parameters()]
     vec = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
     apply_mask(model, random_mask(model, 0.3, generator=0))  # weights of layers 2 and 5
