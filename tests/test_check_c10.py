@@ -11,6 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ntk_theory.testing import box_inputs
+
 from proofs_checks.checks.c10_subset_sum import C_MAX, REFERENCE_MEDIANS, check_c10, exact_gap, subset_sums
 from proofs_checks.checks.c10_subset_sum import PARAMS
 
@@ -26,8 +28,9 @@ def _naive_gap(sums, n_grid: int = 4001):
 
 
 @settings(max_examples=30)
-@given(st.lists(st.floats(-2.5, 2.5, allow_nan=False), min_size=0, max_size=7))
-def test_exact_gap_agrees_with_a_naive_grid(x):
+@given(st.integers(1, 7).flatmap(lambda k: box_inputs(n=1, shape=(k,), low=-2.5, high=2.5)))
+def test_exact_gap_agrees_with_a_naive_grid(batch):
+    x = batch[0].tolist()        # 1 to 7 summands in [-2.5, 2.5] (the empty set is a hand-computed case below)
     sums = _naive_sums(x)
     np.testing.assert_allclose(subset_sums(x), np.sort(sums), rtol=0, atol=1e-12)
     exact = exact_gap(sums)                  # unsorted input on purpose

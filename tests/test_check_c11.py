@@ -7,6 +7,11 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ntk_theory.dynamics import gradient_flow_mse
+from ntk_theory.testing import train_test_kernels
 
 from proofs_checks.checks.c11_closed_form_dynamics import PARAMS as PARAMS11
 from proofs_checks.checks.c11_closed_form_dynamics import check_c11, rk4_flow
@@ -56,3 +61,28 @@ def test_c11_fails_when_c_forgets_the_outputs():
     assert not res.passed
     assert res.measured["passed_a"] and res.measured["passed_b"] and not res.measured["passed_c"]
 
+
+
+@settings(max_examples=15)
+@given(train_test_kernels(n=(1, 5), m=(1, 3), lambda_min=(0.05, 1.0), condition=(1.0, 50.0)),
+       st.integers(1, 2), st.integers(0, 10_000))
+def test_c11_closed_form_flow_equals_rk4_and_normalisations_differ_by_c(blocks, o, seed):
+    """C11 (b) and (c) for any kernel on train and test points: the closed-form flow equals RK4
+    integration within its Richardson estimate, and 'size' at t equals 'none' at t / (N O)."""
+    k, kx, _ = blocks
+    n, m = k.shape[0], kx.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    y, f0 = torch.randn(n, o, generator=g, dtype=torch.float64), torch.randn(n, o, generator=g, dtype=torch.float64)
+    f0t = torch.randn(m, o, generator=g, dtype=torch.float64)
+    lam_max = float(torch.linalg.eigvalsh(k)[-1])
+    times = torch.linspace(0.0, 5.0 / lam_max, 5, dtype=torch.float64)
+    flow = gradient_flow_mse(k, y, times, f0=f0, k_test_train=kx, f0_test=f0t, lr=1.0, normalization="none")
+    coarse = rk4_flow(k, kx, y, f0, f0t, 1.0, times, 8)
+    fine = rk4_flow(k, kx, y, f0, f0t, 1.0, times, 16)
+    est = max(float((coarse[i] - fine[i]).abs().max()) for i in (0, 1)) / 15
+    dev = max(float((flow.f_train - fine[0]).abs().max()), float((flow.f_test - fine[1]).abs().max()))
+    assert dev <= 2 * est + 1e-12
+    size = gradient_flow_mse(k, y, times, f0=f0, k_test_train=kx, f0_test=f0t, normalization="size")
+    none = gradient_flow_mse(k, y, times / (n * o), f0=f0, k_test_train=kx, f0_test=f0t, normalization="none")
+    torch.testing.assert_close(size.f_train, none.f_train, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(size.f_test, none.f_test, rtol=1e-12, atol=1e-13)

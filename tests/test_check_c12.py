@@ -7,6 +7,10 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ntk_theory.testing import mlp_architectures, sphere_inputs
 
 from proofs_checks.checks.c12_positive_definiteness import (check_c12, cluster_points, cluster_shape,
                                                             min_pairwise_angle, predicted_rate)
@@ -68,3 +72,14 @@ def test_c12_rejects_a_kernel_that_is_not_positive_definite(monkeypatch, rel):
     assert not res.passed
     assert res.measured["clean_margin_min"] < 1e3 and res.measured["cluster_margin_min"] < 1e3
 
+
+
+@settings(max_examples=25)
+@given(mlp_architectures(depth=(1, 3), activations=("relu", "erf", "leaky_relu"), sigma_b=(0.0, 0.5), d_in=(2, 5)),
+       st.data())
+def test_c12_limiting_ntk_is_positive_definite_on_distinct_sphere_points(arch, data):
+    """C12 for any non-polynomial MLP with a hidden layer: lambda_min(Theta(X, X)) is above the check's margin
+    (1e3 eps_64 lambda_max) on distinct, non-parallel points of the sphere, more points than d + 1 included."""
+    x = data.draw(sphere_inputs(n=(2, 8), d=arch.in_shape[0], min_angle=0.3))
+    ev = torch.linalg.eigvalsh(arch.kernel(x, get="ntk"))
+    assert float(ev[0]) > 1e3 * c12.EPS64 * float(ev[-1])
