@@ -17,10 +17,3 @@ def assert_rel(out: torch.Tensor, ref: torch.Tensor, tol: float = TOL) -> None:
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     err = float((out - ref).abs().max()) if ref.numel() else 0.0
     assert err <= tol * max(scale, 1e-300), f"relative error {err / max(scale, 1e-300):.3e} > {tol:g}"
-
-
-def engine_taken(model, x, **kw) -> bool:
-    """Whether the structured path traces ``model`` on ``x`` with the sequential engine (not autograd hooks)."""
-    from ntk_theory import empirical as E
-    prob = E._prepare(model, kw.get("params"), kw.get("mask"), kw.get("mask_mode", "subnetwork"), kw.get("dtype"))
-    return E._trace_sequential(prob, E._structured_layers(prob), x.to(prob.dtype)) is not None
