@@ -635,10 +635,18 @@ def run_one(spec: RunSpec, rdir: Path, *, dense_dir: Path | None, progress: bool
             probe = torch.load(dense_dir / "probe.pt", weights_only=False)
             ticket_path = rdir / "ticket.pt"
             if not ticket_path.exists():
-                from .tickets import find_ticket
+                from . import tickets as tickets_mod
 
-                find_ticket(spec.method, model, ds, spec.density, scope=spec.scope, skip_first=spec.skip_first,
-                            seed=spec.seed, device=device, progress=False, **spec.hparams).save(ticket_path)
+                # a method that attacks during its search (awt, hydra, adv_imp) attacks at the run's radius
+                # unless its hyper-parameters say otherwise
+                hp = dict(spec.hparams)
+                accepted = getattr(tickets_mod.get(spec.method), "HPARAMS", {})
+                for k, v in (("eps", spec.eps), ("norm", s["norm"]), ("steps", s["steps"])):
+                    if k in accepted and k not in hp:
+                        hp[k] = v
+                tickets_mod.find_ticket(spec.method, model, ds, spec.density, scope=spec.scope,
+                                        skip_first=spec.skip_first, seed=spec.seed, device=device, progress=False,
+                                        **hp).save(ticket_path)
             from .tickets import load_ticket
 
             ticket = load_ticket(ticket_path)
