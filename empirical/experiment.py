@@ -359,6 +359,24 @@ def validate(config: ExperimentConfig, *, deep: bool = True) -> ExperimentConfig
     return c
 
 
+#: the modules a run is made of; ``awt experiment`` refuses to start (exit 2) while one is missing
+COMPONENTS = ("data", "models", "train", "evaluate", "tracking", "tickets")
+
+
+def _require_components() -> None:
+    """One clear line, before any run, when a module a run needs cannot be imported (e.g. not built yet)."""
+    import importlib
+
+    missing = []
+    for name in COMPONENTS:
+        try:
+            importlib.import_module(f"{__package__}.{name}")
+        except ImportError as exc:
+            missing.append(f"empirical.{name} ({_one_line(exc)})")
+    if missing:
+        raise ConfigError("awt experiment needs modules that cannot be imported: " + "; ".join(missing))
+
+
 def _validate_deep(c: ExperimentConfig) -> None:
     from ntk_theory._checks import check_device
 
@@ -366,6 +384,7 @@ def _validate_deep(c: ExperimentConfig) -> None:
         check_device(c.device, "device")
     except (ValueError, TypeError) as exc:
         raise ConfigError(str(exc)) from None
+    _require_components()
     from . import models as models_mod
 
     shapes = {}
