@@ -12,7 +12,7 @@ is a pure function of its :class:`RunSpec`:
    torchattacks cross-check);
 4. **track** its empirical NTK and outputs on a fixed probe set of clean and adversarial points
    (:mod:`empirical.tracking`) against the dense run of the same seed, epoch by epoch:
-   ``d_Theta(t) = kernel_distance(Theta_ticket,t, Theta_dense,t)`` (THEORY.md §B.8) and the output gap
+   ``d_Theta(t) = kernel_distance(Theta_ticket,t, Theta_dense,t)`` (docs/theory.md §B.8) and the output gap
    ``||f_ticket,t(x~) - f_dense,t(x~)|| / ||f_dense,t(x~)||``.
 
 The dense run of each (dataset, model, eps, seed, training settings) is a run of its own

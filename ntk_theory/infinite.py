@@ -9,7 +9,7 @@ kernel function::
     >>> kern = k(x1, x2)                 # Kernels(nngp=(N1, N2), ntk=(N1, N2)), float64
     >>> theta = k(x1, x2, get="ntk")     # just the NTK tensor
 
-Conventions (NTK parameterisation; THEORY.md §B.1, §B.2; ``parameterization='ntk'`` in stax):
+Conventions (NTK parameterisation; docs/theory.md §B.1, §B.2; ``parameterization='ntk'`` in stax):
 
 * the first ``Dense`` (or ``Conv``, patch-wise) gives
   :math:`K = \sigma_w^2 \langle x, x'\rangle / \mathrm{fan\_in} + \sigma_b^2` and :math:`\Theta = K`;
@@ -22,7 +22,7 @@ Conventions (NTK parameterisation; THEORY.md §B.1, §B.2; ``parameterization='n
 * ``Flatten`` averages the pixel-diagonal :math:`K_{ij,ij}` (what a following ``Dense``
   with fan-in ``C*H*W`` sees), ``GlobalAvgPool`` averages all pixel pairs.
 
-Masked limits (THEORY.md §B.7): a ``Dense``/``Conv`` with keep-probability ``density``
+Masked limits (docs/theory.md §B.7): a ``Dense``/``Conv`` with keep-probability ``density``
 :math:`q` is the dense layer when its kept weights are rescaled by :math:`1/\sqrt q`
 (``rescale=True``), and the dense layer with :math:`\sigma_w^2 \to q\sigma_w^2` without
 rescaling. Both are exact width-limits only for layers whose fan-in grows with width; see
@@ -104,7 +104,7 @@ class _State:
 def _tol(dtype: torch.dtype) -> float:
     # |sin angle| below which two points count as coincident/antipodal for gradients. Exact
     # duplicates are pinned to rho = 1 before this, so the cut-off only has to clear the
-    # rounding noise of rho near 1 (sin ~ sqrt(2 * few eps)); THEORY.md §E.5.
+    # rounding noise of rho near 1 (sin ~ sqrt(2 * few eps)); docs/theory.md §E.5.
     return 4.0 * math.sqrt(torch.finfo(dtype).eps)
 
 
@@ -219,7 +219,7 @@ def relu_expectations(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor, a: fl
     :math:`(u, v) \sim N(0, [[v_a, c], [c, v_b]])`, elementwise with broadcasting.
     For ReLU (a=0, b=1): :math:`\tfrac12\sqrt{v_av_b}\,\kappa_1(\rho)` and :math:`\tfrac12\kappa_0(\rho)`
     with :math:`\kappa_0(\rho) = (\pi - \arccos\rho)/\pi`,
-    :math:`\kappa_1(\rho) = (\sqrt{1-\rho^2} + (\pi - \arccos\rho)\rho)/\pi` (THEORY.md §B.1.1).
+    :math:`\kappa_1(\rho) = (\sqrt{1-\rho^2} + (\pi - \arccos\rho)\rho)/\pi` (docs/theory.md §B.1.1).
     """
     _check_cov(c, va, vb)
     return _ABReluExpect.apply(c, va, vb, float(a), float(b))
@@ -247,7 +247,7 @@ def erf_expectations(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor):
 
 
 def _erf_expect(c: torch.Tensor, va: torch.Tensor, vb: torch.Tensor):
-    r"""Expectations for :math:`\phi = \mathrm{erf}` (Williams 1997; THEORY.md §B.1.2).
+    r"""Expectations for :math:`\phi = \mathrm{erf}` (Williams 1997; docs/theory.md §B.1.2).
 
     With :math:`P = (1+2v_a)(1+2v_b)`:
     :math:`E[\phi\phi] = \tfrac{2}{\pi}\arcsin(2c/\sqrt P)`,
@@ -477,7 +477,7 @@ def Dense(sigma_w: float = 2 ** 0.5, sigma_b: float = 0.0, *, density: float = 1
     :math:`K \leftarrow \sigma_w^2 K + \sigma_b^2`, :math:`\Theta \leftarrow K + \sigma_w^2\Theta`.
     With ``density=q < 1`` and ``rescale=False`` the weight variance is :math:`q\sigma_w^2`
     (a random mask of keep-probability q); with ``rescale=True`` the kept weights are scaled
-    by :math:`1/\sqrt q` and the limit is the dense one (THEORY.md §B.7).
+    by :math:`1/\sqrt q` and the limit is the dense one (docs/theory.md §B.7).
     """
     sw, sb = _check_sigmas(sigma_w, sigma_b)
     q = check_density(density)
@@ -733,7 +733,7 @@ def _homogeneous_block(plan, x1, x2, want_ntk: bool, dup):
     normalised NTK :math:`t_h = \Theta_h/s_h` follow
     :math:`\rho_{h+1} = (f\sin\theta + (A - f\theta)\rho_h)/A`,
     :math:`t_{h+1} = \rho_{h+1} + (A - f\theta)\,t_h/A`, :math:`\theta = \arccos\rho_h`: about
-    half the elementwise passes of the general recursion (same formulas, THEORY.md §B.1.1).
+    half the elementwise passes of the general recursion (same formulas, docs/theory.md §B.1.1).
     """
     sw2_0, steps = plan
     d = x1.shape[1]
@@ -990,10 +990,10 @@ def mlp(depth: int, activation: str = "relu", sigma_w: float = 2 ** 0.5, sigma_b
     first (hidden-to-hidden and readout). Without rescaling this is
     :math:`\sigma_w^2 \to q\sigma_w^2` on those layers; for ReLU with
     :math:`\sigma_b = 0` the NTK becomes :math:`q^{k}\Theta` with k = depth masked layers
-    (THEORY.md §B.7, C3); with ``rescale=True`` (weights times :math:`1/\sqrt q`) it is the
+    (docs/theory.md §B.7, C3); with ``rescale=True`` (weights times :math:`1/\sqrt q`) it is the
     dense kernel.
 
-    **First-layer caveat** (THEORY.md §B.7, C4). The first layer has a fixed fan-in d, so a
+    **First-layer caveat** (docs/theory.md §B.7, C4). The first layer has a fixed fan-in d, so a
     random mask on it leaves each neuron's pre-activation covariance
     :math:`\frac{\sigma_w^2}{dq}\sum_j M_{ij} x_j x'_j` random as width grows; the next layer
     averages a nonlinear function of it, and the width limit is *not* the closed form below.

@@ -1,4 +1,4 @@
-"""Finite-width layers in the NTK parameterisation (THEORY.md §B.0).
+"""Finite-width layers in the NTK parameterisation (docs/theory.md §B.0).
 
 A dense layer computes ``z = (sigma_w / sqrt(fan_in)) W h + sigma_b b`` with
 ``W_ij, b_i ~ N(0, 1)``; a convolution does the same patch-wise with

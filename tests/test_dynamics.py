@@ -1,4 +1,4 @@
-"""Tests of ntk_theory.dynamics: closed-form linearised MSE dynamics (THEORY.md §B.4; C6, C11, C12)."""
+"""Tests of ntk_theory.dynamics: closed-form linearised MSE dynamics (docs/theory.md §B.4; C6, C11, C12)."""
 from __future__ import annotations
 
 import copy

@@ -206,7 +206,7 @@ def test_relu_positive_homogeneity(seed, depth, a, b):
 
 @given(seed=st.integers(0, 10_000), depth=st.integers(1, 3), q=st.floats(0.01, 1.0))
 def test_masked_limit_scaling(seed, depth, q):
-    # THEORY.md B.7 / C3: without rescaling, ReLU, sigma_b = 0: Theta_mask = q^depth Theta; with rescaling: Theta
+    # docs/theory.md B.7 / C3: without rescaling, ReLU, sigma_b = 0: Theta_mask = q^depth Theta; with rescaling: Theta
     x = _inputs(seed, 5, 6)
     dense = mlp(depth)(x)
     unres = mlp(depth, density=q, rescale=False)(x)
