@@ -1,0 +1,32 @@
+"""SNIP (Lee, Ajanthan & Torr, ICLR 2019): connection sensitivity ``S = |∂L/∂θ ⊙ θ|`` at initialisation
+on one batch of ``n`` labelled training examples (cross-entropy loss); keep the largest scores.
+(``|g ⊙ θ|`` is the magnitude of the first-order change of ``L`` when ``θ`` is removed; its
+normalisation by ``Σ S`` in the paper does not change the ranking.)"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ntk_theory._checks import check_int
+
+from ._common import SearchOutput, model_dtype, xy
+
+HPARAMS = {"n": 256}
+
+
+def validate(hp: dict) -> None:
+    check_int(hp["n"], "n", minimum=1)
+
+
+def scores(model, names, x, y) -> dict:
+    """``|∂L/∂θ ⊙ θ|`` of the tensors ``names``, ``L`` the mean cross-entropy on ``(x, y)``."""
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    return {n: (g * params[n]).detach().abs() for n, g in zip(names, grads)}
+
+
+def search(ctx, *, n: int) -> SearchOutput:
+    x, y = xy(ctx.data, n, ctx.generator)
+    x = x.to(ctx.device, model_dtype(ctx.model))
+    return SearchOutput(ctx.topk(scores(ctx.model, ctx.names, x, y.to(ctx.device))))
