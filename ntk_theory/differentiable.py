@@ -1,4 +1,4 @@
-r"""The empirical NTK kept differentiable w.r.t. weights and masks (THEORY.md §B.3, §B.7, §B.8).
+r"""The empirical NTK kept differentiable w.r.t. weights and masks (docs/theory.md §B.3, §B.7, §B.8).
 
 Ticket search (AWT, NTT) minimises a distance between the kernel of a sparse network and the dense
 one, so the kernel must be a differentiable function of the weights ``θ`` and of the (relaxed) mask
@@ -17,7 +17,7 @@ records the inputs ``h_{l-1}(x)`` and pre-activations, the backward pass the sig
                      + Σ_l (b_l^g)² Σ_i C^b_l[i] δ_l^o(x)_i δ_l^{o'}(x')_i ,
 
 with the coefficient ``C = ∂W_eff/∂θ`` squared: ``C = M ∘ M`` for the sub-network kernel
-``J(M⊙θ) diag(M²) J(M⊙θ)ᵀ`` (``mask_mode="subnetwork"``, the default; THEORY.md §B.3), or ``C = 1``
+``J(M⊙θ) diag(M²) J(M⊙θ)ᵀ`` (``mask_mode="subnetwork"``, the default; docs/theory.md §B.3), or ``C = 1``
 (times the parametrisation's ``scale²``) for ``mask_mode="ntt"``, the dense-architecture kernel at the
 masked weights that Neural Tangent Transfer's code computes (Liu & Zenke 2020). ``C = 1`` on an
 unmasked layer gives the two-GEMM form ``g² (Δ Δ'ᵀ) ⊙ (H H'ᵀ)``; a masked layer costs one

@@ -1,4 +1,4 @@
-"""Masks for sparse sub-networks (THEORY.md §B.3, §B.7; DESIGN.md "Masks").
+"""Masks for sparse sub-networks (docs/theory.md §B.3, §B.7; DESIGN.md "Masks").
 
 A mask is a ``dict[str, torch.BoolTensor]`` keyed by parameter name, ``True`` =
 kept. A masked parameter is a fixed zero: it is absent from the NTK and receives
@@ -20,7 +20,7 @@ buffer ``"a.b.parametrizations.weight.0.mask"``, the name in ``state_dict`` and 
 :func:`validate_params` (a ``{name: tensor}`` parameter dict, raw or canonical keys, checked once
 for every function that takes ``params=``).
 
-Rescaling (THEORY.md §B.7): with keep-probability ``q`` of a tensor, the
+Rescaling (docs/theory.md §B.7): with keep-probability ``q`` of a tensor, the
 effective weight is ``W_eff = M ⊙ θ / sqrt(q)`` (weights x 1/sqrt(q), i.e.
 variance x 1/q); this keeps every layer's forward variance and its NTK
 contribution, so a randomly masked and rescaled wide network has the dense
@@ -63,7 +63,7 @@ MASK_BUFFER = "mask"
 
 
 def masked_value(theta: torch.Tensor, mask: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """The effective tensor of a masked parameter, ``W = where(m, θ, 0) · s`` (THEORY.md §B.7).
+    """The effective tensor of a masked parameter, ``W = where(m, θ, 0) · s`` (docs/theory.md §B.7).
 
     ``torch.where`` rather than ``m ⊙ θ`` keeps pruned coordinates exactly zero even where ``θ``
     is not finite; ``∂W/∂θ = s m``, so pruned coordinates get no gradient. ``scale`` is ``1/sqrt(q)``
@@ -264,7 +264,7 @@ def _as_generator(generator) -> torch.Generator:
 
 def random_mask(model: nn.Module, density: float, *, generator, layerwise: bool = True,
                 skip_first: bool = True, include_bias: bool = False) -> dict[str, torch.Tensor]:
-    """Uniformly random mask of the given density (THEORY.md §B.7).
+    """Uniformly random mask of the given density (docs/theory.md §B.7).
 
     Masked tensors are the weights (parameters with ``ndim >= 2``: ``nn.Linear`` /
     ``nn.Conv2d`` weights) and, with ``include_bias``, the biases of the same
@@ -274,7 +274,7 @@ def random_mask(model: nn.Module, density: float, *, generator, layerwise: bool 
     entries of the model (per-layer densities then vary). With ``skip_first`` the
     first layer (the first module, in registration order, with a weight) is left
     dense: masking a layer of finite fan-in changes the infinite-width limit
-    (THEORY.md §B.7, "first-layer gotcha").
+    (docs/theory.md §B.7, "first-layer gotcha").
 
     ``generator`` (a ``torch.Generator`` or an int seed) is the only source of
     randomness. Returns ``{canonical name: BoolTensor}`` on each parameter's device.
@@ -319,7 +319,7 @@ def apply_mask(model: nn.Module, mask: Mapping[str, torch.Tensor], rescale: bool
     (now named ``"<module>.parametrizations.weight.original"``), so existing
     optimisers keep working and pruned coordinates receive zero gradient. With
     ``rescale`` the kept weights of a tensor of density ``q`` are multiplied by
-    ``1/sqrt(q)`` (THEORY.md §B.7). A tensor that already carries an awt mask has
+    ``1/sqrt(q)`` (docs/theory.md §B.7). A tensor that already carries an awt mask has
     it replaced; other parametrisations on a masked tensor are refused.
 
     This is the one helper that applies masks for training (DESIGN.md).

@@ -9,7 +9,7 @@ of ``proofs_checks/checks`` are (adding a method is adding a file): ``random``, 
   given a :class:`~empirical.tickets._common.Context` (a private copy of the dense initialisation, the
   data, the exact kept counts per layer or overall, a seeded generator, a diagnostics log).
 
-Conventions (THEORY.md §B.7, §B.8): masks are :mod:`ntk_theory.masks` dicts (canonical names, True =
+Conventions (docs/theory.md §B.7, §B.8): masks are :mod:`ntk_theory.masks` dicts (canonical names, True =
 kept) over the weights (``ndim >= 2``) of every layer but the first (``skip_first=True``); the kept count
 is exact, ``round(q n_l)`` per tensor for ``scope="layerwise"`` and ``round(q Σ n_l)`` overall for
 ``scope="global"``; a mask that keeps no weight of some layer (layer collapse) raises
@@ -163,7 +163,7 @@ def find_ticket(method: str, model: nn.Module, data, density: float, *, scope: s
         density: kept fraction ``q`` in (0, 1], exact by count (per tensor for ``layerwise``, overall
             for ``global``).
         scope: ``"layerwise"`` or ``"global"``.
-        skip_first: leave the first layer dense (THEORY.md §B.7).
+        skip_first: leave the first layer dense (docs/theory.md §B.7).
         seed: the search's one seed (its generator, its PGD starts, its minibatch order).
         device: ``"auto"`` | ``"cpu"`` | ``"cuda"`` (:func:`ntk_theory._checks.check_device`).
         progress: a tqdm bar (silent off a terminal).

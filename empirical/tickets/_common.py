@@ -63,7 +63,7 @@ class SearchOutput:
 
 def prunable(model: nn.Module, skip_first: bool) -> list[str]:
     """Canonical names of the weights (``ndim >= 2``) of the model's layers, first layer left out with
-    ``skip_first`` (THEORY.md §B.7: masking a layer of finite fan-in changes the limit kernel)."""
+    ``skip_first`` (docs/theory.md §B.7: masking a layer of finite fan-in changes the limit kernel)."""
     names = [canonical_name(n) for n, p in model.named_parameters() if p.dim() >= 2]
     return names[1:] if skip_first else names
 

@@ -1,6 +1,6 @@
 r"""Adversarial Winning Tickets: a sparse network at initialisation whose outputs and NTK on adversarial
-points match the dense network's (the AWT paper, Shi et al. AISTATS 2022; THEORY.md §B.7 NTT objective,
-§B.8 spec). No public code exists; this is the THEORY.md §B.8 reconstruction.
+points match the dense network's (the AWT paper, Shi et al. AISTATS 2022; docs/theory.md §B.7 NTT objective,
+§B.8 spec). No public code exists; this is the docs/theory.md §B.8 reconstruction.
 
 The dense network at initialisation ``f_0`` is the frozen teacher. A pool of ``n_train`` training points
 is attacked once with PGD against ``f_0`` (:func:`ntk_theory.attacks.pgd`, ``eps``/``steps``/``norm``,

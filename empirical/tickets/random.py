@@ -1,5 +1,5 @@
 """Random pruning at initialisation: a uniformly random mask of the exact count, with or without the
-``1/sqrt(q)`` weight rescaling (THEORY.md §B.7; Yang & Wang 2023: with it, a randomly pruned wide
+``1/sqrt(q)`` weight rescaling (docs/theory.md §B.7; Yang & Wang 2023: with it, a randomly pruned wide
 network keeps the dense infinite-width NTK). ``rescale=True`` is carried by the ticket
 (:attr:`TicketResult.rescale`) and applied at training time by ``apply_mask(rescale=True)``."""
 from __future__ import annotations

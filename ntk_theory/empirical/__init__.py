@@ -1,4 +1,4 @@
-"""Finite-width (empirical) NTK of any ``torch.nn.Module``, dense or masked (THEORY.md §B.3).
+"""Finite-width (empirical) NTK of any ``torch.nn.Module``, dense or masked (docs/theory.md §B.3).
 
 For a model ``f(θ; x) ∈ R^O`` the empirical NTK is
 
@@ -8,7 +8,7 @@ over the differentiated parameters ``θ``. :func:`empirical_ntk` computes it in
 three ways that agree to float64 round-off:
 
 ``"structured"``
-    The exact per-layer factorisation (THEORY.md §B.3; Novak et al. ICML 2022,
+    The exact per-layer factorisation (docs/theory.md §B.3; Novak et al. ICML 2022,
     "structured derivatives"). A layer ``z = g_w W h + g_b b`` (``nn.Linear`` /
     ``nn.Conv2d`` and subclasses such as :class:`~ntk_theory.layers.NTKLinear`,
     with ``g_w = weight_gain``, ``g_b = bias_gain``, both 1 for plain torch layers)
@@ -45,7 +45,7 @@ three ways that agree to float64 round-off:
     then ``torch.func.jvp`` (the whole batch), never materialising the Jacobian of
     the batch; for few outputs and many parameters.
 
-Masks (DESIGN.md, THEORY.md §B.3 "gotcha"): a mask ``m`` (``dict[str, BoolTensor]``,
+Masks (DESIGN.md, docs/theory.md §B.3 "gotcha"): a mask ``m`` (``dict[str, BoolTensor]``,
 True = kept) defines the sub-network ``f_m(θ) = f(m ⊙ θ)``.
 
 - ``mask_mode="subnetwork"`` (default): ``Θ̂_m = J(m ⊙ θ) diag(m) J(m ⊙ θ)ᵀ``, the NTK
@@ -110,7 +110,7 @@ def empirical_ntk(model: nn.Module, x1, x2=None, *, params: Mapping[str, torch.T
                   mode: str = "full", method: str = "auto", block_size: int | None = None,
                   dtype: torch.dtype | None = None, tracer: str = "auto", budgets: Budgets | None = None,
                   return_info: bool = False):
-    """Empirical NTK ``Θ̂(x1, x2) = J(x1) Jᵀ(x2)`` of ``model`` (THEORY.md §B.3).
+    """Empirical NTK ``Θ̂(x1, x2) = J(x1) Jᵀ(x2)`` of ``model`` (docs/theory.md §B.3).
 
     Args:
         model: any ``nn.Module`` mapping ``(N, ...)`` to ``(N,)`` or ``(N, O)`` (further output
