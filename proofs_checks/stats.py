@@ -17,7 +17,7 @@ def bootstrap_slope(x, samples, *, n_boot: int = 2000, level: float = 0.95, seed
     """Slope of ``log(mean over seeds)`` vs ``log x`` and a percentile bootstrap interval.
 
     ``samples[i]`` holds the per-seed measurements at ``x[i]``; the bootstrap resamples
-    seeds independently at each ``x`` (THEORY.md §C: "slope of log(mean over >= 5 seeds)").
+    seeds independently at each ``x`` (docs/theory.md §C: "slope of log(mean over >= 5 seeds)").
     Returns ``(slope, (lo, hi))``.
     """
     x = np.asarray(x, float)

@@ -52,7 +52,7 @@ def test_c1_bias_test_catches_a_reference_one_percent_off(factor):
 
 def test_c1_references_are_independently_anchored():
     """The closed form C1 trusts and the finite network it samples share ``mlp``: anchor both
-    independently so that a shared bug cannot cancel (THEORY.md B.1.1 [N]: Θ(x,x) = 2(L+1))."""
+    independently so that a shared bug cannot cancel (docs/theory.md B.1.1 [N]: Θ(x,x) = 2(L+1))."""
     x = sphere_inputs(5, 16, torch.Generator().manual_seed(0))
     for depth in (1, 2, 3):
         k = mlp(depth)(x)

@@ -69,7 +69,7 @@ def test_c10_passes_at_quick_scale():
         lo, hi = m["ci_c"]
         assert 0 < lo <= m["rate_c"] <= hi < 1.0
         assert m["C_eps"] <= C_MAX
-        # same order of magnitude as THEORY.md's 5-draw medians
+        # same order of magnitude as docs/theory.md's 5-draw medians
         for n, row in res.details["reference_medians"].items():
             assert abs(math.log10(row["measured"] / REFERENCE_MEDIANS[n])) < 1.0, (n, row)
     json.dumps(res.to_dict())

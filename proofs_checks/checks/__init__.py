@@ -1,4 +1,4 @@
-"""One module per proposition of THEORY.md §C (``cNN_<name>.py``); importing this package
+"""One module per proposition of docs/theory.md §C (``cNN_<name>.py``); importing this package
 imports every such module, which registers its check."""
 import importlib
 import pkgutil

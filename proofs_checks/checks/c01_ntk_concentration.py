@@ -1,6 +1,6 @@
 r"""C1: the empirical NTK and NNGP of a finite network concentrate on the closed form.
 
-Statement (THEORY.md §C, C1; Jacot et al. 2018, Arora et al. 2019 Thm 3.1, Hanin & Nica
+Statement (docs/theory.md §C, C1; Jacot et al. 2018, Arora et al. 2019 Thm 3.1, Hanin & Nica
 2020). For a ReLU MLP in the NTK parameterisation with ``depth`` hidden layers of width
 n, at initialisation
 

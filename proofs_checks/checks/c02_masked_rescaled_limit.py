@@ -1,6 +1,6 @@
 r"""C2: a randomly masked and rescaled network has the dense infinite-width NTK.
 
-Statement (THEORY.md §B.7 and §C, C2; Yang & Wang, AISTATS 2023). Take a ReLU MLP in the
+Statement (docs/theory.md §B.7 and §C, C2; Yang & Wang, AISTATS 2023). Take a ReLU MLP in the
 NTK parameterisation with ``depth`` hidden layers of width n. Mask every weight layer
 after the first (hidden-to-hidden and readout) with a uniformly random mask of density q,
 and rescale the kept weights by :math:`1/\sqrt q`. The first layer, whose fan-in
@@ -18,7 +18,7 @@ CLT rate: every sum over a layer's fan-in has about :math:`qn` independent terms
 slope of :math:`\log \mathrm{mean}_{seeds} r_{n,q}` against :math:`\log n` is fitted, with a
 bootstrap interval over seeds. Every masked slope must lie in [-0.65, -0.35], the band of C1.
 
-**Part 2 (heuristic, "effective width"; THEORY.md C2, our own heuristic, not from the
+**Part 2 (heuristic, "effective width"; docs/theory.md C2, our own heuristic, not from the
 paper).** The masked network of width n behaves like a dense one of width qn:
 :math:`r_{n,q} \approx r_{qn,1}`. The check measures the dense error directly at width
 :math:`qn` and forms, for each q, the ratio of seed means

@@ -1,6 +1,6 @@
 r"""C3: an unrescaled random mask scales the NTK by :math:`q^k`.
 
-Statement (THEORY.md §B.7, C3). For a ReLU MLP with :math:`\sigma_b = 0` in the NTK
+Statement (docs/theory.md §B.7, C3). For a ReLU MLP with :math:`\sigma_b = 0` in the NTK
 parameterisation whose ``k`` weight layers after the first carry a uniformly random mask of
 keep-probability ``q`` (no rescaling), the empirical NTK converges to the closed form with
 :math:`\sigma_w^2 \to q\sigma_w^2` on those layers, which equals :math:`q^k\,\Theta`; hence

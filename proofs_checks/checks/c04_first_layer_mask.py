@@ -1,6 +1,6 @@
 r"""C4: masking the first layer, whose fan-in is finite, changes the infinite-width NTK.
 
-Statement (THEORY.md §B.7 "first-layer gotcha" and §C, C4; heuristic). Take a ReLU MLP in
+Statement (docs/theory.md §B.7 "first-layer gotcha" and §C, C4; heuristic). Take a ReLU MLP in
 the NTK parameterisation (:math:`\sigma_b = 0`) with input dimension :math:`d` and
 ``depth`` hidden layers of width n. Mask *every* weight layer, the first included, with
 random masks of density q, and rescale the kept weights by :math:`1/\sqrt q`. Then

@@ -1,6 +1,6 @@
 r"""C5: lazy training — the NTK and the outputs of a wide network stay close to the linearisation.
 
-Statement (THEORY.md §B.4 and §C, C5; Lee et al. 2019, Theorem 2.1 and its appendix). Take an
+Statement (docs/theory.md §B.4 and §C, C5; Lee et al. 2019, Theorem 2.1 and its appendix). Take an
 MLP in the NTK parameterisation with hidden width n, trained by full-batch gradient descent
 :math:`\theta_{k+1} = \theta_k - \eta\nabla L(\theta_k)` on
 :math:`L = \frac{1}{2c}\|f_\theta(X) - Y\|^2` (``c = N``, ntk_theory.dynamics' ``"size"``
@@ -35,13 +35,13 @@ pre-activation is within :math:`O(n^{-1/2})` of 0 flip their gate, and for the s
 training point these flips go one way (an active unit pushed down can switch off, an inactive one
 gets no gradient from that point), which is :math:`O(n^{-1/2})` and not mean-zero. So Lee et al.'s
 rate looks tight for ReLU only asymptotically, and not tight for erf. Consequently the two-sided
-band [-0.65, -0.35] of THEORY.md §C is *not* what the theorem states (it is an upper bound) and
+band [-0.65, -0.35] of docs/theory.md §C is *not* what the theorem states (it is an upper bound) and
 fails at affordable widths; this check tests the theorem's upper bound.
 
 Pass criterion. For each configuration, both bootstrap slopes :math:`s` (log of the mean over
 seeds against log n; :func:`proofs_checks.stats.bootstrap_slope`) satisfy
 ``FLOOR <= s <= exponent + TOL`` with ``exponent = -1/2`` (the theorem), ``TOL = 0.15``
-(THEORY.md's tolerance, i.e. the upper edge -0.35 of its band) and ``FLOOR = -1.5`` (the fastest
+(docs/theory.md's tolerance, i.e. the upper edge -0.35 of its band) and ``FLOOR = -1.5`` (the fastest
 expected rate :math:`n^{-1}` minus 0.5 for the noise of the fit; a steeper fit would mean a
 degenerate measurement), every sup is finite and positive, and ``lr < 2c/λ_max(Θ̂_0)`` (GD on
 the linearisation is stable) for every network.
@@ -78,7 +78,7 @@ from ..registry import Outcome, register
 from ..stats import bootstrap_slope
 
 EXPONENT = -0.5     # Lee et al. 2019, Theorem 2.1: both quantities are O(n^{-1/2})
-TOL = 0.15          # THEORY.md §C: slope band [-0.65, -0.35] around -1/2
+TOL = 0.15          # docs/theory.md §C: slope band [-0.65, -0.35] around -1/2
 FLOOR = -1.5        # fastest expected rate n^-1 (smooth activations) minus 0.5 of fit noise: steeper = degenerate
 
 PARAMS = {

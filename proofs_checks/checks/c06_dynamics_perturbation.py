@@ -1,6 +1,6 @@
 r"""C6: the dynamics perturbation lemma.
 
-Statement (THEORY.md §C, C6; derivation there). For symmetric PSD :math:`A, B` with
+Statement (docs/theory.md §C, C6; derivation there). For symmetric PSD :math:`A, B` with
 :math:`\lambda = \min(\lambda_{min}(A), \lambda_{min}(B)) > 0` and every :math:`\tau \ge 0`,
 
 .. math:: \|e^{-A\tau} - e^{-B\tau}\|_2 \le \tau e^{-\lambda\tau}\|A - B\|_2 \le \|A - B\|_2/(e\lambda).

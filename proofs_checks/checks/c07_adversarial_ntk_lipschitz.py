@@ -1,6 +1,6 @@
 r"""C7: the adversarial NTK is a Lipschitz perturbation of the clean NTK.
 
-Statement (THEORY.md §C, C7; heuristic: the closed-form ReLU NTK is smooth away from
+Statement (docs/theory.md §C, C7; heuristic: the closed-form ReLU NTK is smooth away from
 coincident points, so a perturbation of size :math:`\epsilon` moves it by :math:`O(\epsilon)`).
 For the infinite-width ReLU NTK (depth 3, :math:`\sigma_b^2 = 0.1`) on inputs away from 0 and
 from each other, with :math:`\tilde X = X + \epsilon\,\mathrm{sign}(\nabla_x \ell)` the FGSM

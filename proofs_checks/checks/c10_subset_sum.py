@@ -1,6 +1,6 @@
 r"""C10: the random SubsetSum lemma (Lueker 1998), the engine of strong-lottery-ticket proofs.
 
-Statement (THEORY.md §B.7, C10; Lueker 1998, used by Pensia et al. 2020). Let
+Statement (docs/theory.md §B.7, C10; Lueker 1998, used by Pensia et al. 2020). Let
 :math:`X_1, \dots, X_n` be i.i.d. :math:`U[-1, 1]` and
 
 .. math:: G_n = \sup_{z \in [-1, 1]}\ \min_{S \subseteq \{1..n\}} \Big| z - \sum_{i \in S} X_i \Big|
@@ -48,7 +48,7 @@ from ..registry import Outcome, register
 __all__ = ["subset_sums", "exact_gap", "check_c10", "C_MAX", "REFERENCE_MEDIANS"]
 
 C_MAX = 3.0
-# THEORY.md §C, C10 [N]: median gap over 5 draws at n = 4, 8, 12, 16, 20 (for comparison only)
+# docs/theory.md §C, C10 [N]: median gap over 5 draws at n = 4, 8, 12, 16, 20 (for comparison only)
 REFERENCE_MEDIANS = {4: 4.5e-1, 8: 3.7e-2, 12: 1.1e-2, 16: 3.1e-4, 20: 2.1e-5}
 
 # eps is chosen so that C_MAX ln(1/eps) (17.4 quick, 20.7 full) lies inside the grid of n: a claim that

@@ -1,6 +1,6 @@
 r"""C11: the closed-form linearised dynamics equal direct integration (algebra).
 
-Statement (THEORY.md §B.4 and §C, C11). For the loss :math:`L = \frac{1}{2c}\|f(X) - Y\|_F^2` and
+Statement (docs/theory.md §B.4 and §C, C11). For the loss :math:`L = \frac{1}{2c}\|f(X) - Y\|_F^2` and
 :math:`a = \eta/c` (ntk_theory.dynamics' convention, ``c = N·O`` for ``"size"``, ``1`` for ``"none"``):
 
 (a) **Gradient descent.** :func:`~ntk_theory.dynamics.gradient_descent_mse` with the network's

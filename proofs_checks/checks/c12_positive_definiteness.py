@@ -1,6 +1,6 @@
 r"""C12: the limiting NTK is positive definite on distinct points of the sphere.
 
-Statement (THEORY.md §C, C12; Jacot et al. 2018, Prop. 2). For a Lipschitz, non-polynomial
+Statement (docs/theory.md §C, C12; Jacot et al. 2018, Prop. 2). For a Lipschitz, non-polynomial
 activation :math:`\phi` and at least one hidden layer, the limiting NTK restricted to the sphere
 is positive definite: :math:`\lambda_{min}(\Theta(X, X)) > 0` for distinct, non-parallel
 :math:`x_1, \dots, x_N` on the sphere, whatever :math:`N` and the input dimension ``d``. A
@@ -21,7 +21,7 @@ The check has three parts (ReLU and erf MLPs, NTK parameterisation, ``mlp`` defa
    smaller half of the grid and reported with a prediction (not part of the pass criterion):
 
    * ReLU: :math:`p = 1`. The arc-cosine factor :math:`\kappa_0(\rho) = 1 - \theta/\pi` puts a term
-     linear in the angle :math:`\theta` into :math:`\Theta` (the cone-shaped kink of THEORY.md §E.5),
+     linear in the angle :math:`\theta` into :math:`\Theta` (the cone-shaped kink of docs/theory.md §E.5),
      so :math:`\Theta \approx a\mathbf 1\mathbf 1^\top - b\,[\theta_{ij}] + O(\delta^2)`, and the angle
      matrix is strictly conditionally negative definite on distinct points (spherical distance
      is of negative type): :math:`\lambda_{min} \asymp \delta`.
