@@ -26,9 +26,22 @@ evaluation. The predictor :math:`f_k` at a recorded step is rebuilt from the tra
 sets and residuals (``record_every=1``) and checked against the trajectory's own outputs on the clean
 training points (``details["max_reconstruction_error"]``, must be < 1e-8).
 
-Measured (quick scale, digits 3 vs 8, depth-4 ReLU kernel, eps = 0.1, 5 seeds; see the README's check
-table for the numbers of the committed run): :math:`A` rises from chance to a peak at
-:math:`\tau^* \approx 1`-3 well above :math:`A_{std}`, then falls back toward it.
+Measured (quick scale: digits 3 vs 8, 12 training and 150 test points, depth-2 ReLU kernel,
+:math:`\sigma_b = 0.1`, eps = 0.1, 5 PGD steps in training and 10 in evaluation, ``lr`` = half the
+stability limit, 150 steps, 5 seeds; about 22 s on one core). Base seed 0: :math:`A` rises from 0.57
+(:math:`\tau = 0.08`) to a peak of 0.757 at :math:`\tau^* = 2.3`, then falls to 0.727 at
+:math:`\tau = 12.2` (:math:`\tau\lambda_{min} \approx 2`), against 0.689 for standard regression
+(clean accuracy 0.936): passed. The effect is small and **seed-dependent**: base seeds 0 and 2 pass;
+for base seed 1 the mean curve still rises at the last time (0.776 at :math:`\tau = 6.9`, 0.771 at 12),
+and for base seed 3 the decay (0.005) is below two standard errors, so the check fails there. At
+eps = 0.2 (not the quick scale) AT-2 stays far above standard regression over the horizon that fits
+(0.45-0.50 against 0.19-0.27 at :math:`\tau\lambda_{min} \approx 1.6`-2.8) with only a shallow decay after
+its peak. A reading [heuristic]: AT-2 uses the exact kernel at the adversarial points, and a fixed point
+of it fits :math:`Y` at the worst points of the balls, which is more robust than the interpolant of the
+clean points; in Fu & Wang's closed form the AT predictor at infinite width is a kernel expansion on the
+clean points with per-sample training times (Adv-NTK, docs/theory.md §B.6), which tends to standard
+regression as those times grow. The check therefore tests the
+shape of the curve on a horizon of a few relaxation times, not the limit.
 
 Pass criterion (seeds s = 1..S give the standard errors; ``z = 2``). With :math:`\bar A(\tau)` the
 mean over seeds on the recorded grid, :math:`k^* = \arg\max\bar A`:
