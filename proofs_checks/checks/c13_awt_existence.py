@@ -120,7 +120,8 @@ def _ticket(method, net, data, q, seed, p, eps, random_rescale):
     hp = {"random": dict(rescale=random_rescale), "magnitude": {},
           "awt": dict(mode="subnetwork", train_steps=p["awt_steps"], batch_size=32, lr=p["awt_lr"], eps=eps,
                       steps=10, n_train=p["n_search"], n_eval=16, log_every=10 ** 6)}[method]
-    return find_ticket(method, net, data, q, seed=seed, device="cpu", progress=False, **hp)
+    # progress=True: the search's own bar (AWT) is silent off a terminal and leaves nothing behind (leave=False)
+    return find_ticket(method, net, data, q, seed=seed, device="cpu", progress=True, **hp)
 
 
 def _sparse(net, ticket):
