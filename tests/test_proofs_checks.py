@@ -82,7 +82,7 @@ def test_an_unknown_override_is_refused_before_any_work(isolated):
         get_check("C1").run("quick", 0, widht=64)   # a real check too
 
 
-@pytest.mark.parametrize("cid", ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "C10", "C11", "C12"])
+@pytest.mark.parametrize("cid", ["C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9", "C10", "C11", "C12", "C13"])
 def test_every_check_refuses_a_typo(cid):
     with pytest.raises(ValueError, match="not a parameter of check"):
         get_check(cid).run("quick", 0, widht=64)
@@ -195,6 +195,10 @@ SMALL = {   # each check at a reduced scale (a few tenths of a second each)
     "C11": dict(gd_steps=5, n_times=4),
     "C12": dict(depths=[1], draws=1, adv_eps=[0.01], adv_attacks=["fgsm"], adv_datasets=["generic"],
                 deltas=[0.05, 0.1, 0.2]),
+    "C8": dict(seeds=2, train_steps=6, n_test=30, n_tau=4),
+    "C9": dict(widths=[64, 128], seeds=1, train_steps=3),
+    "C13": dict(widths=[64, 128], densities=[0.2], seeds=1, awt_steps=5, n_search=64, n_probe=16, at_train=8,
+                at_steps=3),
 }
 
 
