@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import as_tensor, check_density, check_finite
+from ._checks import as_generator, as_tensor, check_density, check_finite
 
 __all__ = [
     "MaskParametrization",
@@ -255,11 +255,11 @@ def _maskable(model: nn.Module, include_bias: bool) -> list[tuple[str, list[tupl
 
 
 def _as_generator(generator) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return torch.Generator().manual_seed(generator)
-    raise TypeError(f"generator: expected a torch.Generator or an int seed, got {type(generator).__name__}")
+    """awt's one randomness rule (:func:`ntk_theory._checks.as_generator`), without the global-RNG ``None``:
+    a mask is a result, so its randomness is always explicit."""
+    if generator is None:
+        raise TypeError("generator: expected a torch.Generator or an int seed, got NoneType")
+    return as_generator(generator, "generator")
 
 
 def random_mask(model: nn.Module, density: float, *, generator, layerwise: bool = True,

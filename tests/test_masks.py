@@ -445,3 +445,18 @@ def test_random_mask_density_validation():
     with pytest.raises(TypeError, match="model"):
         apply_mask({"a": 1}, {})
     assert isinstance(model[0], NTKLinear) and MaskParametrization(torch.ones(2, dtype=torch.bool)).scale == 1.0
+
+
+def test_random_mask_follows_the_one_randomness_rule():
+    # Was: random_mask had its own generator check: a negative seed was silently wrapped to 2**64 - 1
+    # (pgd and the rest refuse it); numpy integer seeds were refused. None stays refused (a mask's randomness is explicit).
+    import numpy as np
+
+    model = _mlp()
+    a = random_mask(model, 0.3, generator=np.int64(7))
+    b = random_mask(model, 0.3, generator=torch.Generator().manual_seed(7))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="generator"):
+        random_mask(model, 0.3, generator=-1)
+    with pytest.raises(TypeError, match="generator"):
+        random_mask(model, 0.3, generator=None)
