@@ -464,20 +464,21 @@ def _status(rdir: Path, spec: RunSpec, state: str, **extra) -> None:
         "updated": time.time(), "host": socket.gethostname(), "pid": os.getpid(), **extra})
 
 
-def read_status(rdir: str | os.PathLike) -> dict | None:
-    p = Path(rdir) / "status.json"
+def _read_json(rdir: str | os.PathLike, name: str) -> dict | None:
+    """``rdir/name`` parsed, or ``None`` while it does not exist (files are written atomically, so a file
+    that exists is whole; an unparsable one counts as absent)."""
     try:
-        return json.loads(p.read_text())
+        return json.loads((Path(rdir) / name).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
+
+
+def read_status(rdir: str | os.PathLike) -> dict | None:
+    return _read_json(rdir, "status.json")
 
 
 def read_result(rdir: str | os.PathLike) -> dict | None:
-    p = Path(rdir) / "result.json"
-    try:
-        return json.loads(p.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return _read_json(rdir, "result.json")
 
 
 RunFn = Callable[..., Mapping[str, Any]]
