@@ -71,6 +71,7 @@ from torch import nn
 from ntk_theory.dynamics import gradient_descent_mse, loss_scale
 from ntk_theory.empirical import empirical_ntk
 from ntk_theory.infinite import mlp
+from ntk_theory.layers import gains
 from ntk_theory.metrics import relative_frobenius
 
 from ..common import one_intra_op_thread, progress_bar, sphere_inputs
@@ -120,7 +121,11 @@ def gd_step(net: nn.Sequential, x: torch.Tensor, y: torch.Tensor, lr: float, c: 
     layers = []
     for m in _layers(net):
         if isinstance(m, nn.Linear):
-            gw, gb = getattr(m, "weight_gain", 1.0), getattr(m, "bias_gain", 1.0)
+            g = gains(m)
+            if g is None:
+                raise TypeError(f"net: {type(m).__name__} is a Linear with a forward of its own; gd_step needs "
+                                "NTKLinear or nn.Linear (ntk_theory.layers.gains)")
+            gw, gb = g
             z = (h @ m.weight.detach().T) * gw
             if m.bias is not None:
                 z = z + gb * m.bias.detach()
