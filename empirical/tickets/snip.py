@@ -1,7 +1,11 @@
-"""SNIP (Lee, Ajanthan & Torr, ICLR 2019): connection sensitivity ``S = |∂L/∂θ ⊙ θ|`` at initialisation
-on one batch of ``n`` labelled training examples (cross-entropy loss); keep the largest scores.
-(``|g ⊙ θ|`` is the magnitude of the first-order change of ``L`` when ``θ`` is removed; its
-normalisation by ``Σ S`` in the paper does not change the ranking.)"""
+"""SNIP (Lee, Ajanthan & Torr, ICLR 2019): connection sensitivity at initialisation.
+
+With the weights written ``W = c ⊙ θ`` and indicator variables ``c = 1``, SNIP scores each connection
+by ``S = |∂L/∂c| = |∂L/∂θ ⊙ θ|`` (the magnitude of the first-order change of ``L`` when the connection
+is removed), ``L`` the mean cross-entropy on one batch of ``n`` labelled training examples, and keeps
+the largest scores. The paper's normalisation ``S / Σ S`` is a positive factor and does not change the
+mask. Checked against Synaptic-Flow's implementation (ganguli-lab/Synaptic-Flow ``Pruners/pruners.py``
+class SNIP: the gradient with respect to the mask variables, ``|m.grad|``)."""
 from __future__ import annotations
 
 import torch
