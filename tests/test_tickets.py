@@ -1,7 +1,7 @@
 """empirical.tickets: exact densities, the first layer dense, magnitude against a direct top-k, and bad input.
 
-These are the integrator's first tests of the committed search code (issue 10 is still open: the
-score-reference tests of SNIP/GraSP/SynFlow, HYDRA, adv_imp and the benchmarks are to come)."""
+The score references of SNIP/GraSP/SynFlow are in test_tickets_scores.py, HYDRA and adv_imp in
+test_tickets_adversarial.py, AWT in test_tickets_awt.py."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -25,10 +25,16 @@ def _model(seed=0):
     return finite_mlp(12, 48, 2, 4, generator=seed, dtype=torch.float32)
 
 
-FAST = {"awt": dict(train_steps=3, batch_size=16, n_train=32, n_eval=16, steps=2, log_every=1), "synflow": dict(rounds=5)}
+FAST = {"awt": dict(train_steps=3, batch_size=16, n_train=32, n_eval=16, steps=2, log_every=1), "synflow": dict(rounds=5),
+        "hydra": dict(epochs=1, steps=1, batch_size=32), "adv_imp": dict(epochs=1, steps=1, batch_size=48)}
+ALL = ["random", "magnitude", "snip", "grasp", "synflow", "awt", "hydra", "adv_imp"]
 
 
-@pytest.mark.parametrize("method", ["random", "magnitude", "snip", "grasp", "synflow", "awt"])
+def test_every_method_is_discovered():
+    assert set(methods()) == set(ALL)
+
+
+@pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("density", [0.1, 0.37])
 def test_exact_layerwise_density_and_dense_first_layer(method, density):
     assert method in methods()
@@ -43,10 +49,11 @@ def test_exact_layerwise_density_and_dense_first_layer(method, density):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())   # caller's model untouched
 
 
-@pytest.mark.parametrize("method", ["random", "magnitude", "snip"])
+@pytest.mark.parametrize("method", ALL)
 def test_exact_global_density(method):
     model = _model()
-    res = find_ticket(method, model, _data(), 0.2, scope="global", seed=1, device="cpu", progress=False)
+    res = find_ticket(method, model, _data(), 0.2, scope="global", seed=1, device="cpu", progress=False,
+                      **FAST.get(method, {}))
     total = sum(dict(model.named_parameters())[n].numel() for n in res.mask)
     assert sum(int(m.sum()) for m in res.mask.values()) == round(0.2 * total)
 
