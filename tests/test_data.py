@@ -410,3 +410,57 @@ def test_dataset_validates_its_fields():
     with pytest.raises(ValueError, match="input_shape"):
         Dataset("t", x, y, x, y, 2, (4,))
     assert "n_train=4" in repr(ok)
+
+
+# ------------------------------------------------------------------------------------------------
+# download=True, with the network replaced by a dictionary of URLs (the tests never go online)
+# ------------------------------------------------------------------------------------------------
+def test_download_idx_checks_md5_and_writes_atomically(tmp_path, monkeypatch):
+    import hashlib
+
+    src = tmp_path / "src"
+    write_idx_set(src, parts=("train", "test"), n=(20, 10))
+    blobs = {f"http://mirror/{p.name}": p.read_bytes() for p in src.iterdir()}
+    sums = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    fetched = []
+
+    def fake_fetch(url):
+        fetched.append(url)
+        if url not in blobs:
+            raise OSError(f"no route to {url}")
+        return blobs[url]
+
+    monkeypatch.setattr(data, "_fetch", fake_fetch)
+    monkeypatch.setitem(data._IDX_SOURCES, "mnist", (("http://down/", "http://mirror/"), sums))
+    root = tmp_path / "root"
+    ds = load("mnist", root=root, download=True)
+    assert (ds.n_train, ds.n_test) == (20, 10) and "official" in ds.description
+    assert sorted(p.name for p in root.iterdir()) == sorted(sums)  # no temporary files left behind
+    assert any(u.startswith("http://down/") for u in fetched)  # the first mirror failed, the second served
+    n = len(fetched)
+    load("mnist", root=root, download=True)
+    assert len(fetched) == n  # present files are not fetched again
+    bad = dict(sums, **{"t10k-labels-idx1-ubyte.gz": "0" * 32})
+    monkeypatch.setitem(data._IDX_SOURCES, "mnist", (("http://mirror/",), bad))
+    with pytest.raises(OSError, match="MD5"):
+        load("mnist", root=tmp_path / "other", download=True)
+    assert not (tmp_path / "other" / "t10k-labels-idx1-ubyte.gz").exists()
+
+
+def test_download_cifar10_from_archive(tmp_path, monkeypatch):
+    import hashlib
+    import io
+    import tarfile
+
+    ref = write_cifar(tmp_path / "src" / "cifar-10-batches-py")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    blob = buf.getvalue()
+    monkeypatch.setattr(data, "_fetch", lambda url: blob)
+    monkeypatch.setattr(data, "_CIFAR_MD5", hashlib.md5(blob).hexdigest())
+    ds = load("cifar10", root=tmp_path / "root", download=True)
+    assert ds.y_test.tolist() == ref["test_batch"][1] and ds.n_train == 20
+    monkeypatch.setattr(data, "_CIFAR_MD5", "0" * 32)
+    with pytest.raises(OSError, match="MD5"):
+        load("cifar10", root=tmp_path / "elsewhere", download=True)

@@ -118,18 +118,23 @@ def test_ntk_weights_standard_normal():
 
 
 def test_standard_init_is_pytorch_default_law():
+    """Standard layers follow PyTorch's reset_parameters law: the same bound as torch's own layers, the
+    variance of U(-c, c), and a two-sample Kolmogorov-Smirnov distance to torch's own draw that is small."""
     m = build("lenet5", in_shape=(1, 28, 28), num_classes=10, parameterization="standard", seed=2)
-    torch.manual_seed(0)
-    ref = {"conv": nn.Conv2d(6, 16, 5), "lin": nn.Linear(400, 120)}  # PyTorch's own reset_parameters
-    for ours, theirs, fan_in in ((m[3], ref["conv"], 6 * 25), (m[7], ref["lin"], 400)):
-        bound = 1 / math.sqrt(fan_in)
-        for a, b in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):
-            assert float(a.abs().max()) <= bound and float(b.abs().max()) <= bound + 1e-7
-        w = ours.weight.detach().double()
-        n = w.numel()
-        # U(-c, c) has variance c^2/3 and the variance of the sample variance is (4/45) c^4 / n
-        assert abs(float(w.var()) - bound ** 2 / 3) < 5 * math.sqrt(4 / 45 / n) * bound ** 2
-        assert float(w.abs().max()) > 0.95 * bound
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        ref = {"conv": nn.Conv2d(6, 16, 5), "lin": nn.Linear(400, 120)}  # PyTorch's own reset_parameters
+        for ours, theirs, fan_in in ((m[3], ref["conv"], 6 * 25), (m[7], ref["lin"], 400)):
+            bound = 1 / math.sqrt(fan_in)
+            for a, b in ((ours.weight, theirs.weight), (ours.bias, theirs.bias)):
+                assert float(a.abs().max()) <= bound and float(b.abs().max()) <= bound * (1 + 1e-6)
+            w, t = ours.weight.double().flatten(), theirs.weight.double().flatten()
+            n = w.numel()
+            # U(-c, c) has variance c^2/3 and the variance of the sample variance is (4/45) c^4 / n
+            assert abs(float(w.var()) - bound ** 2 / 3) < 5 * math.sqrt(4 / 45 / n) * bound ** 2
+            grid = torch.linspace(-bound, bound, 201, dtype=D)
+            ks = float(((w[:, None] <= grid).double().mean(0) - (t[:, None] <= grid).double().mean(0)).abs().max())
+            assert ks < 1.95 * math.sqrt(2 / n)  # the 0.1 % critical value of the two-sample KS statistic
 
 
 # ------------------------------------------------------------------------------------------------
