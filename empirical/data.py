@@ -144,9 +144,11 @@ class Dataset(Result):
             if tuple(x.shape[1:]) != self.input_shape or x.shape[0] != y.shape[0]:
                 raise ValueError(f"x_{part}: shape {tuple(x.shape)} does not fit y_{part} {tuple(y.shape)} and "
                                  f"input_shape {self.input_shape}; expected (N, *input_shape) and (N,)")
-            if x.numel() and not bool(((x >= 0) & (x <= 1)).all()):
-                raise ValueError(f"x_{part}: values must lie in [0, 1] (found min {float(x.min()):g}, "
-                                 f"max {float(x.max()):g}, or NaN); nothing is clipped silently")
+            if x.numel():
+                lo, hi = torch.aminmax(x)  # one pass, no N-sized temporary; NaN propagates and fails the test
+                if not (float(lo) >= 0.0 and float(hi) <= 1.0):
+                    raise ValueError(f"x_{part}: values must lie in [0, 1], found min {float(lo):g}, max {float(hi):g}"
+                                     " (NaN counts as outside); nothing is clipped silently")
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
                 raise ValueError(f"y_{part}: labels must lie in [0, {k - 1}], found [{int(y.min())}, {int(y.max())}]")
 

@@ -161,10 +161,6 @@ def _check_shape(in_shape: Any, image: bool) -> tuple[int, ...]:
     return shape
 
 
-def _spec(parameterization, activation, alpha, sigma_w, sigma_b, seed, dtype, device) -> _Spec:
-    return _Spec(parameterization, activation, alpha, sigma_w, sigma_b, seed, dtype, device)
-
-
 def _build(spec: _Spec, make) -> nn.Sequential:
     with torch.random.fork_rng(devices=[]):  # the constructors' default init draws from the global RNG
         return spec.finish(make())
@@ -188,7 +184,7 @@ def mlp(*, in_shape, num_classes: int, widths: Sequence[int] = (512, 512), activ
     shape = _check_shape(in_shape, image=False)
     k = check_int(num_classes, "num_classes", minimum=1)
     ws = _check_widths(widths, "widths")
-    spec = _spec(parameterization, activation, alpha, sigma_w, sigma_b, seed, dtype, device)
+    spec = _Spec(parameterization, activation, alpha, sigma_w, sigma_b, seed, dtype, device)
 
     def make():
         layers: list[nn.Module] = [nn.Flatten()]
@@ -252,7 +248,7 @@ def lenet5(*, in_shape, num_classes: int, channels: Sequence[int] = (6, 16), wid
         h2, w2 = (h1 - 4) // 2, (w1 - 4) // 2
     else:
         h2, w2 = h1 // 2, w1 // 2
-    spec = _spec(parameterization, activation, alpha, sigma_w, sigma_b, seed, dtype, device)
+    spec = _Spec(parameterization, activation, alpha, sigma_w, sigma_b, seed, dtype, device)
 
     def make():
         return [spec.conv(shape[0], ch[0], 5), spec.activation(), nn.MaxPool2d(2),
@@ -280,7 +276,7 @@ def conv4(*, in_shape, num_classes: int, channels: Sequence[int] = (64, 64, 128,
     ch = _check_widths(channels, "channels", length=4)
     ws = _check_widths(widths, "widths", length=2)
     H, W = _conv_hw(shape, "conv4", 2)
-    spec = _spec(parameterization, activation, alpha, sigma_w, sigma_b, seed, dtype, device)
+    spec = _Spec(parameterization, activation, alpha, sigma_w, sigma_b, seed, dtype, device)
 
     def make():
         return [spec.conv(shape[0], ch[0], 3), spec.activation(), spec.conv(ch[0], ch[1], 3), spec.activation(),

@@ -403,6 +403,10 @@ def test_dataset_validates_its_fields():
     assert ok.n_train == 4
     with pytest.raises(ValueError, match=r"x_train.*\[0, 1\]"):
         Dataset("t", x + 1, y, x, y, 2, (3,))
+    nan = x.clone()
+    nan[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="x_test.*NaN"):
+        Dataset("t", x, y, nan, y, 2, (3,))
     with pytest.raises(ValueError, match="y_test"):
         Dataset("t", x, y, x, y + 1, 2, (3,))
     with pytest.raises(TypeError, match="x_train"):

@@ -187,6 +187,24 @@ def test_structured_ntk_equals_jacobian_reference(name, shape, act, parameteriza
         assert any(layer.form.startswith("pool") for layer in info.layers)
 
 
+@pytest.mark.parametrize("name,shape", [("lenet5", (1, 28, 28)), ("conv4", (1, 8, 8)), ("mlp", (1, 8, 8))])
+def test_masked_models_stay_on_the_structured_engine(name, shape):
+    """A model masked with ntk_theory.masks.apply_mask (what ticket search and training do) is still traced by
+    the sequential engine, and its sub-network kernel equals the Jacobian method's; pruned weights are zero."""
+    from ntk_theory.masks import apply_mask, random_mask
+
+    model = build(name, in_shape=shape, num_classes=3, seed=2, dtype=D, **small(name))
+    mask = random_mask(model, 0.5, generator=3)
+    apply_mask(model, mask, rescale=True)
+    x = torch.rand(3, *shape, generator=torch.Generator().manual_seed(5), dtype=D)
+    K, info = empirical_ntk(model, x, mode="full", return_info=True)
+    assert (info.method, info.tracer) == ("structured", "sequential")
+    assert rel_err(K, empirical_ntk(model, x, mode="full", method="jacobian")) < 1e-8
+    for key, keep in mask.items():
+        idx, _, attr = key.rpartition(".")
+        assert bool((getattr(model.get_submodule(idx), attr)[~keep] == 0).all())
+
+
 # ------------------------------------------------------------------------------------------------
 # determinism
 # ------------------------------------------------------------------------------------------------
