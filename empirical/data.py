@@ -5,16 +5,12 @@ test part. Inputs are float32 in :math:`[0, 1]` so that an attack box (``eps`` i
 around ``x``, clamped to :math:`[0, 1]`) means the same thing on every dataset; images are
 ``(N, C, H, W)``, vectors ``(N, d)``.
 
-=================  ====================================================================  ===============
-name               source                                                                 ``input_shape``
-=================  ====================================================================  ===============
-``"digits"``       scikit-learn's bundled 8x8 digits (UCI optdigits; 1,797 images,         ``(1, 8, 8)``
-                   values 0..16 divided by 16); offline, the default
-``"mnist"``        the standard IDX files (LeCun et al. 1998), gzipped or not, values/255  ``(1, 28, 28)``
-``"fashion_mnist"`` Zalando's Fashion-MNIST in the same IDX format (Xiao et al. 2017)       ``(1, 28, 28)``
-``"cifar10"``      the python pickle batches of CIFAR-10 (Krizhevsky 2009), values/255     ``(3, 32, 32)``
-``"synthetic"``    a Gaussian mixture mapped through the logistic sigmoid                 ``(dim,)``
-=================  ====================================================================  ===============
+* ``"digits"`` ``(1, 8, 8)``: scikit-learn's bundled 8x8 digits (UCI optdigits; 1,797 images, values
+  0..16 divided by 16); offline, the default.
+* ``"mnist"`` ``(1, 28, 28)``: the standard IDX files (LeCun et al. 1998), gzipped or not, values / 255.
+* ``"fashion_mnist"`` ``(1, 28, 28)``: Zalando's Fashion-MNIST in the same IDX format (Xiao et al. 2017).
+* ``"cifar10"`` ``(3, 32, 32)``: the python pickle batches of CIFAR-10 (Krizhevsky 2009), values / 255.
+* ``"synthetic"`` ``(dim,)``: a Gaussian mixture mapped through the logistic sigmoid.
 
 **Splits.** Where a source ships a train and a test part they are used as they are (the official
 split). Where it ships one part only (scikit-learn's digits; a folder holding only MNIST's

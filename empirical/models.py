@@ -1,18 +1,18 @@
 r"""The field's models for awt's experiments, in the NTK or the standard parameterisation.
 
-=================  ==========================================================================================
-name               architecture (``act`` = the activation, ReLU by default)
-=================  ==========================================================================================
-``"mlp"``          Flatten, ``[Linear(n_l), act]`` for each width in ``widths`` (default ``(512, 512)``),
-                   Linear(num_classes)
-``"lenet300_100"`` the MLP with ``widths=(300, 100)`` (LeCun et al. 1998; the "LeNet-300-100" of Han et
-                   al. 2015 and Frankle & Carbin 2019)
-``"lenet5"``       LeNet-5 (LeCun et al. 1998): Conv5x5(6), act, MaxPool2, Conv5x5(16), act, MaxPool2,
-                   Flatten, Linear(120), act, Linear(84), act, Linear(num_classes)
-``"conv4"``        Conv-4 of Frankle & Carbin 2019 (Fig. 2 / App. H): Conv3x3(64), act, Conv3x3(64), act,
-                   MaxPool2, Conv3x3(128), act, Conv3x3(128), act, MaxPool2, Flatten, Linear(256), act,
-                   Linear(256), act, Linear(num_classes)
-=================  ==========================================================================================
+==================  ==========================================================================================
+name                architecture (``act`` = the activation, ReLU by default)
+==================  ==========================================================================================
+``"mlp"``           Flatten, ``[Linear(n_l), act]`` for each width in ``widths`` (default ``(512, 512)``),
+                    Linear(num_classes)
+``"lenet300_100"``  the MLP with ``widths=(300, 100)`` (LeCun et al. 1998; the "LeNet-300-100" of Han et
+                    al. 2015 and Frankle & Carbin 2019)
+``"lenet5"``        LeNet-5 (LeCun et al. 1998): Conv5x5(6), act, MaxPool2, Conv5x5(16), act, MaxPool2,
+                    Flatten, Linear(120), act, Linear(84), act, Linear(num_classes)
+``"conv4"``         Conv-4 of Frankle & Carbin 2019 (their Fig. 2): Conv3x3(64), act, Conv3x3(64), act,
+                    MaxPool2, Conv3x3(128), act, Conv3x3(128), act, MaxPool2, Flatten, Linear(256), act,
+                    Linear(256), act, Linear(num_classes)
+==================  ==========================================================================================
 
 Every model is a flat ``nn.Sequential`` (parameter names ``"<index>.weight"``, ``"<index>.bias"``, the
 same in both parameterisations), so that masks (:mod:`ntk_theory.masks`), the structured NTK engine
@@ -180,6 +180,7 @@ def mlp(*, in_shape, num_classes: int, widths: Sequence[int] = (512, 512), activ
     tends to that closed form :math:`\Theta^{(L+1)}(x, x') \otimes I_{\mathrm{num\_classes}}` (Jacot et
     al. 2018, Thm. 1), with :math:`x` flattened to ``prod(in_shape)`` features. ``activation``: a name of
     :mod:`ntk_theory.activations` (``alpha``: the leaky-ReLU slope). ``widths=()`` is a linear model.
+    ``in_shape`` is any per-example shape (an int ``d`` means ``(d,)``).
     """
     shape = _check_shape(in_shape, image=False)
     k = check_int(num_classes, "num_classes", minimum=1)
