@@ -48,7 +48,7 @@ import os
 import pickle
 import tarfile
 import urllib.request
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
