@@ -358,6 +358,7 @@ class _InfinitePredictor:
         self.sets = 0
         self._centres: torch.Tensor | None = None
         self._coef: torch.Tensor | None = None
+        self._active: torch.Tensor | None = None
         self._tracked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _empty(self, x: torch.Tensor) -> torch.Tensor:
@@ -367,7 +368,7 @@ class _InfinitePredictor:
         x = x.to(torch.float64)
         if self.n == 0:
             return self._empty(x)
-        out = self.kernel_fn(x, self._centres[:self.n], get="ntk") @ self._coef[:self.n]
+        out = self.kernel_fn(x, self._active, get="ntk") @ self._coef[:self.n]
         return out.reshape((x.shape[0],) + self.out_shape)
 
     def track(self, name: str, x: torch.Tensor) -> None:
@@ -395,6 +396,9 @@ class _InfinitePredictor:
         self._coef[self.n:self.n + m] = a
         self.n += m
         self.sets += 1
+        # one view object of the centres between additions: the kernel memoises its row keys and its
+        # finiteness check on the tensor object (infinite._memo), so PGD's calls reuse them
+        self._active = self._centres[:self.n]
         for name, (x, out) in self._tracked.items():
             blk = None if k_blocks is None else k_blocks.get(name)
             if blk is None:

@@ -1211,3 +1211,29 @@ def test_closed_forms_are_float64_by_default_and_refuse_complex():
         assert k(x, dtype=f32).ntk.dtype == f32
         with pytest.raises(TypeError, match="x1"):
             k(x.to(torch.complex64))
+
+
+def test_row_key_memo_sees_in_place_writes_and_reuses_unchanged_tensors():
+    # the memo (infinite._memo) must never serve stale keys: after an in-place write that makes a row
+    # of x2 equal to a row of x1, the exact-duplicate pinning must see it, as for a fresh tensor
+    from ntk_theory import infinite as inf
+
+    k = inf.mlp(2)
+    g = torch.Generator().manual_seed(5)
+    x1 = torch.rand(4, 6, generator=g, dtype=torch.float64)
+    x2 = torch.rand(5, 6, generator=g, dtype=torch.float64)
+    k(x1, x2, get="ntk")
+    x2[2] = x1[1]                      # bumps the version counter
+    got = k(x1, x2, get="ntk")
+    ref = k(x1.clone(), x2.clone(), get="ntk")
+    assert torch.equal(got, ref)
+    assert float(got[1, 2]) == float(k(x1[1:2], get="ntk")[0, 0])   # pinned to the self value exactly
+    calls = []
+    real = inf._compute_row_keys
+    try:
+        inf._compute_row_keys = lambda x: calls.append(x.shape) or real(x)
+        for _ in range(3):
+            k(torch.rand(3, 6, generator=g, dtype=torch.float64), x2, get="ntk")
+    finally:
+        inf._compute_row_keys = real
+    assert calls.count((5, 6)) == 0 and calls.count((3, 6)) == 3   # x2's keys reused, x1's recomputed
