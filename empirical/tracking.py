@@ -229,9 +229,21 @@ class KernelTracker:
         block_size: forwarded to :func:`~ntk_theory.empirical.empirical_ntk` (bounded memory).
         device: where the kernels are computed.
 
+    ``last_record`` holds the :func:`probe_record` of the last tracked call: a dense run can store it
+    per epoch, and a ticket run can then take ``reference={epoch: record}`` (or a callable returning
+    a record) instead of recomputing the dense kernel from saved weights.
+
+    Cost (``mode="trace"``, ``N`` probe points, widths ``n_l``): one structured NTK per tracked model,
+    about ``Σ_l N² (O n_l + n_{l-1})`` multiply-adds for a dense MLP; a masked layer adds
+    ``N² n_l n_{l-1}`` (the sub-network kernel needs ``Σ_ij m_ij² h_j h'_j`` for every pair, see
+    :mod:`ntk_theory.empirical`), which dominates for wide masked layers. A module ``reference``
+    costs a second kernel per call. ``every`` spreads the cost.
+
     The first call at epoch 0 keeps the model's kernel as its initial kernel; without it (a
-    tracker first called later) ``kernel_distance_to_init`` is left out. The model's train/eval
-    flags, buffers, ``requires_grad`` flags and ``.grad`` are unchanged by a call.
+    tracker first called later) ``kernel_distance_to_init`` is left out. :meth:`state_dict` /
+    :meth:`load_state_dict` carry that kernel through a checkpoint (``adversarial_train`` saves
+    and restores them), so a resumed run still reports its drift. The model's train/eval flags,
+    buffers, ``requires_grad`` flags and ``.grad`` are unchanged by a call.
     """
 
     def __init__(self, probe: ProbeSet, reference=None, *, mode: str = "trace", every: int = 1,
@@ -249,6 +261,22 @@ class KernelTracker:
         self.block_size = None if block_size is None else check_int(block_size, "block_size", minimum=1)
         self.device = check_device(device, "device")
         self.init_kernel: torch.Tensor | None = None
+        self.last_record: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict:
+        """``{"init_kernel": Θ̂_0 or None, "mode": mode, "n": probe size}`` (for checkpoints)."""
+        return {"init_kernel": self.init_kernel, "mode": self.mode, "n": self.probe.n_clean + self.probe.n_adv}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`; ``ValueError`` naming ``state`` if it is another probe's or mode's."""
+        if not isinstance(state, Mapping) or "init_kernel" not in state:
+            raise TypeError(f"state: expected a KernelTracker.state_dict(), got {type(state).__name__}")
+        n = self.probe.n_clean + self.probe.n_adv
+        if state.get("mode") != self.mode or state.get("n") != n:
+            raise ValueError(f"state: written for mode={state.get('mode')!r} and {state.get('n')} probe points, "
+                             f"this tracker has mode={self.mode!r} and {n}")
+        k = state["init_kernel"]
+        self.init_kernel = None if k is None else k.detach().to("cpu", torch.float64)
 
     @staticmethod
     def _check_record(rec, probe, mode, name):
@@ -294,6 +322,7 @@ class KernelTracker:
         if epoch % self.every != 0 and epoch != 0:
             return {}
         rec = self._record(model)
+        self.last_record = rec
         k, f = rec["kernel"], rec["outputs"]
         if epoch == 0:
             self.init_kernel = k

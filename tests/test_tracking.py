@@ -220,6 +220,9 @@ def test_masked_model_against_its_dense_reference_matches_a_direct_computation(s
     # the same figures from the precomputed reference, from a callable epoch -> module and in full mode
     rec = probe_record(probe, dense)
     assert KernelTracker(probe, reference=rec)(0, ticket) == out
+    own = KernelTracker(probe)
+    own(0, dense)
+    assert torch.equal(own.last_record["kernel"], rec["kernel"])
     assert KernelTracker(probe, reference=lambda e: dense)(0, ticket) == out
     assert KernelTracker(probe, reference={0: rec})(0, ticket) == out
     full = KernelTracker(probe, reference=dense, mode="full")(0, ticket)
@@ -244,6 +247,21 @@ def test_tracking_leaves_the_models_state_alone(setup):
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # BatchNorm running statistics untouched
     assert KernelTracker(probe)(0, model)["kernel_norm"] == out1["kernel_norm"]  # eval mode: deterministic
+
+
+def test_the_initial_kernel_survives_a_checkpoint(setup, tmp_path):
+    model, probe = setup
+    tr = KernelTracker(probe)
+    tr(0, model)
+    from ntk_theory.io import atomic_torch_save
+
+    atomic_torch_save(tmp_path / "t.pt", tr.state_dict())
+    fresh = KernelTracker(probe)
+    fresh.load_state_dict(torch.load(tmp_path / "t.pt", weights_only=False))
+    moved = _net(9)
+    assert fresh(2, moved) == tr(2, moved) and "kernel_distance_to_init" in fresh(2, moved)
+    with pytest.raises(ValueError, match="^state"):
+        KernelTracker(probe, mode="full").load_state_dict(tr.state_dict())
 
 
 def test_every_skips_epochs_but_never_the_initialisation(setup):
@@ -296,3 +314,32 @@ def test_bad_input_is_refused_naming_the_argument(setup):
         ProbeSet.make(model, {"x_test": data.x_test}, eps=0.1)
     with pytest.raises(TypeError, match="^dense_model"):
         ProbeSet.make(None, data, eps=0.1)
+
+
+def test_as_the_track_callback_of_adversarial_train():
+    """End to end: a masked ticket trained with PGD-AT, tracked against the dense network's records."""
+    from empirical import data as data_mod
+    from empirical import models
+    from empirical.train import adversarial_train
+
+    ds = data_mod.load("digits").subset(n_train=128, n_test=64, seed=0)
+    dense = models.build("mlp", in_shape=(1, 8, 8), num_classes=10, widths=(32,), seed=0)
+    probe = ProbeSet.make(dense, ds, n_clean=8, n_adv=8, eps=0.1, steps=3, seed=0)
+    own = KernelTracker(probe)
+    kw = dict(eps=0.1, steps=3, epochs=2, lr=0.1, batch_size=64, seed=0, device="cpu", progress=False)
+    records = {}
+
+    def dense_track(epoch, model):
+        out = own(epoch, model)
+        records[epoch] = own.last_record
+        return out
+
+    adversarial_train(copy.deepcopy(dense), ds, track=dense_track, **kw)
+    ticket = copy.deepcopy(dense)
+    res = adversarial_train(ticket, ds, mask=random_mask(ticket, 0.5, generator=0),
+                            track=KernelTracker(probe, reference=records), **kw)
+    hist = res.history
+    assert [h["epoch"] for h in hist] == [0, 1, 2] and set(records) == {0, 1, 2}
+    assert hist[0]["kernel_distance_to_init"] == 0.0 and hist[2]["kernel_distance_to_init"] > 0
+    assert all(h["kernel_distance"] > 0 and h["output_gap"] > 0 for h in hist)
+    json.dumps(res.history)
