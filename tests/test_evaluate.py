@@ -417,4 +417,5 @@ def test_flags_do_not_depend_on_how_many_batches_ran_before(n, bs, seed):
     whole = evaluate(model, x, y, eps=0.1, steps=2, batch_size=bs, device="cpu", seed=seed)
     head = evaluate(model, x[:bs], y[:bs], eps=0.1, steps=2, batch_size=bs, device="cpu", seed=seed)
     assert torch.equal(whole.flags["robust"][:bs], head.flags["robust"])
-    assert isinstance(whole, EvalResult) and math.isclose(whole.robust_acc, float(whole.flags["robust"].double().mean()))
+    assert isinstance(whole, EvalResult)
+    assert math.isclose(whole.robust_acc, float(whole.flags["robust"].double().mean()))
