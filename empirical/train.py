@@ -33,8 +33,10 @@ Conventions, chosen where the issue is silent (and configurable where a choice m
 
 The ``history`` has one row per epoch, epoch 0 being the initialisation (``test_acc`` and the
 tracker's values there): ``epoch``, ``lr``, ``train_loss`` (mean adversarial loss), ``train_acc``
-(clean accuracy on the training batches, measured before each update), ``robust_train_acc``
-(accuracy on the PGD points of the batch), ``test_acc`` (clean, after the epoch), ``seconds``, plus
+(clean accuracy after the epoch on a fixed seeded subset of ``TRAIN_ACC_POINTS`` = 2048 training points,
+all of them when there are fewer; with ``eps = 0``, the accuracy on the batches as they were trained),
+``robust_train_acc`` (accuracy on the PGD points of each batch, before its update), ``test_acc``
+(clean, after the epoch), ``seconds``, plus
 whatever ``track(epoch, model)`` returns (e.g. :class:`empirical.tracking.KernelTracker`).
 
 References: Madry et al. 2018, "Towards deep learning models resistant to adversarial attacks";
@@ -69,6 +71,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 LOSSES = ("ce", "mse")
 CHECKPOINT = "checkpoint.pt"
+TRAIN_ACC_POINTS = 2048
 _FORMAT = 1
 
 
@@ -347,6 +350,9 @@ def adversarial_train(model: nn.Module, data, *, mask: Mapping[str, torch.Tensor
                         **tracked(0)})
         save(0)
     n = x_tr.shape[0]
+    # clean training accuracy after each epoch on a fixed subset (all points up to TRAIN_ACC_POINTS): one
+    # forward pass over at most that many points instead of an extra forward per minibatch
+    probe = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:TRAIN_ACC_POINTS].to(dev)
     bar = tqdm(range(start, epochs + 1), desc="adversarial training" if eps > 0 else "training", unit="epoch",
                initial=start - 1, total=epochs, disable=None if progress else True, leave=False)
     for epoch in bar:
@@ -357,10 +363,12 @@ def adversarial_train(model: nn.Module, data, *, mask: Mapping[str, torch.Tensor
         gen = epoch_generator(seed, epoch, dev)
         order = torch.randperm(n, generator=gen, device=dev)
         work.train()
-        loss_sum, correct, robust, seen = 0.0, 0, 0, 0
+        loss_sum, robust, seen = 0.0, 0, 0
         for i in range(0, n, batch_size):
             idx = order[i:i + batch_size]
             xb, yb = x_tr[idx], y_tr[idx]
+            # one evaluation of every masked weight per batch: the attack's forwards and the update's
+            # forward and backward share it (it is recomputed after the step)
             with parametrize.cached():
                 if eps > 0:
                     work.train(attack_mode == "train")
@@ -373,30 +381,26 @@ def adversarial_train(model: nn.Module, data, *, mask: Mapping[str, torch.Tensor
                                 torch.isfinite(work(xb)).all())
                         if not finite:
                             raise FloatingPointError(
-                                f"adversarial_train: the parameters or outputs became non-finite at epoch {epoch}, step "
-                                f"{i // batch_size} (lr={lr * factor:g}); lower lr") from None
+                                f"adversarial_train: the parameters or outputs became non-finite at epoch {epoch}, "
+                                f"step {i // batch_size} (lr={lr * factor:g}); lower lr") from None
                         raise
                     work.train()
                 else:
                     xa = xb
-                with torch.no_grad():
-                    correct += int((work(xb).argmax(1) == yb).sum()) if eps > 0 else 0
-            out = work(xa)
-            ell = per_sample_loss(out, yb, loss).mean()
-            if not torch.isfinite(ell):
-                raise FloatingPointError(f"adversarial_train: the training loss became {float(ell)} at epoch {epoch}, "
-                                         f"step {i // batch_size} (lr={lr * factor:g}); lower lr")
-            opt.zero_grad(set_to_none=True)
-            ell.backward()
-            opt.step()
+                out = work(xa)
+                ell = per_sample_loss(out, yb, loss).mean()
+                if not torch.isfinite(ell):
+                    raise FloatingPointError(f"adversarial_train: the training loss became {float(ell)} at epoch "
+                                             f"{epoch}, step {i // batch_size} (lr={lr * factor:g}); lower lr")
+                opt.zero_grad(set_to_none=True)
+                ell.backward()
+                opt.step()
             b = yb.shape[0]
             loss_sum += float(ell.detach()) * b
-            hits = int((out.detach().argmax(1) == yb).sum())
-            robust += hits
-            if eps == 0:
-                correct += hits
+            robust += int((out.detach().argmax(1) == yb).sum())
             seen += b
-        row = {"epoch": epoch, "lr": lr * factor, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+        row = {"epoch": epoch, "lr": lr * factor, "train_loss": loss_sum / seen,
+               "train_acc": robust / seen if eps == 0 else _accuracy(work, x_tr[probe], y_tr[probe], 1024),
                "robust_train_acc": robust / seen, "test_acc": _accuracy(work, x_te, y_te, max(batch_size, 256)),
                "seconds": time.perf_counter() - e0}
         row.update(tracked(epoch))
