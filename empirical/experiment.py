@@ -17,7 +17,7 @@ is a pure function of its :class:`RunSpec`:
 
 The dense run of each (dataset, model, eps, seed, training settings) is a run of its own
 (``method="dense"``, ``density=1``) done once and shared by every ticket of that seed: it writes the
-probe set and its per-epoch model states, which the tickets' trackers compare against.
+probe set and its per-epoch probe records (kernel and outputs), which the tickets' trackers compare against.
 
 Files (DESIGN.md "Scale-out"): every run lives in a content-addressed folder
 ``runs/<method>-d<density>-<hash>/seed-<seed>/`` where ``<hash>`` is a SHA-256 of the run's
@@ -586,7 +586,7 @@ def _eval(model, ds, spec: RunSpec, device) -> dict:
     cc = _find(d, ("cross_check_acc", "crosscheck_acc", "torchattacks_acc", "reference_acc",
                    "cross_check_pgd_acc"))
     rec["crosscheck_pgd_acc"] = _f(cc)
-    flag = _find(d, ("flagged", "cross_check_flag", "mismatch", "disagrees"))
+    flag = _find(d, ("cross_check_flagged", "flagged", "cross_check_flag", "mismatch", "disagrees"))
     rec["crosscheck_flagged"] = bool(flag) if flag is not None else None
     return rec
 
@@ -611,7 +611,7 @@ def run_one(spec: RunSpec, rdir: Path, *, dense_dir: Path | None, progress: bool
             status: Callable[..., None] = lambda phase, **kw: None) -> dict:
     """The production run (module docstring, steps 1-4); returns the run's record (one row of
     ``results.csv`` plus its ``history``). Dense runs (``dense_dir is None``) also write the probe
-    set (``probe.pt``) and their per-epoch states (``states/epoch-<t>.pt``) that tickets track
+    set (``probe.pt``) and their per-epoch probe records (``records/epoch-<t>.pt``) that tickets track
     against."""
     import torch
     from tqdm.auto import tqdm
@@ -704,43 +704,43 @@ def run_one(spec: RunSpec, rdir: Path, *, dense_dir: Path | None, progress: bool
 
 
 class _Tracker:
-    """``track(epoch, model)`` for ``adversarial_train``: the run's kernel / outputs on the probe set
-    (via :class:`empirical.tracking.KernelTracker`), compared with the dense run of the same seed at
-    the same epoch (the dense state that run saved). Dense runs save their state each epoch."""
+    """``track(epoch, model)`` for ``adversarial_train``: one :class:`empirical.tracking.KernelTracker`
+    per run, so one empirical NTK per tracked epoch. Dense runs store their probe record (kernel and
+    outputs on the probe set, ``records/epoch-<t>.pt``, atomic) each epoch and compare with themselves
+    (distance 0, no second kernel); a ticket compares with the record its dense run stored at the same
+    epoch. The tracker's state (its initial kernel) goes into the training checkpoint through
+    :meth:`state_dict`, so a resumed run still reports its drift."""
+
+    REF_KEYS = ("kernel_distance", "kernel_alignment", "kernel_relative_distance", "output_gap", "output_rms_gap")
 
     def __init__(self, tracking, probe, spec: RunSpec, rdir: Path, dense_dir: Path | None, *, mode: str,
                  on_epoch: Callable[[int], None]):
-        self.tracking, self.probe, self.spec, self.rdir, self.dense_dir = tracking, probe, spec, rdir, dense_dir
-        self.mode, self.on_epoch = mode, on_epoch
-        self.own = tracking.KernelTracker(probe, reference=None, mode=mode)
+        self.rdir, self.dense_dir, self.on_epoch = rdir, dense_dir, on_epoch
+        self.kt = tracking.KernelTracker(probe, reference=self._reference, mode=mode)
 
-    def __call__(self, epoch: int, model) -> dict:
+    def _reference(self, epoch: int):
         import torch
 
-        out = {k: v for k, v in dict(self.own(epoch, model)).items()}
         if self.dense_dir is None:
-            atomic_torch_save(self.rdir / "states" / f"epoch-{epoch}.pt",
-                              {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-        else:
-            ref_path = self.dense_dir / "states" / f"epoch-{epoch}.pt"
-            if ref_path.exists():
-                import copy
+            return self.kt.last_record          # the dense run against itself
+        path = self.dense_dir / "records" / f"epoch-{epoch}.pt"
+        return torch.load(path, weights_only=False) if path.exists() else None
 
-                ref = copy.deepcopy(model)
-                _load_dense_state(ref, torch.load(ref_path, weights_only=False))
-                vs = self.tracking.KernelTracker(self.probe, reference=ref, mode=self.mode)(epoch, model)
-                for k, v in dict(vs).items():
-                    out.setdefault(k, v)
-                    out[f"vs_dense/{k}"] = v
+    def state_dict(self) -> dict:
+        return self.kt.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.kt.load_state_dict(state)
+
+    def __call__(self, epoch: int, model) -> dict:
+        out = dict(self.kt(epoch, model))
+        if self.dense_dir is None and self.kt.last_record is not None:
+            atomic_torch_save(self.rdir / "records" / f"epoch-{epoch}.pt", self.kt.last_record)
+        for k in list(out):
+            if k.split("/")[0] in self.REF_KEYS:
+                out[f"vs_dense/{k}"] = out[k]
         self.on_epoch(epoch)
         return to_jsonable(out)
-
-
-def _load_dense_state(model, state) -> None:
-    from ntk_theory.masks import remove_mask
-
-    remove_mask(model)
-    model.load_state_dict(state)
 
 
 def _summarise_history(history: list[dict]) -> dict:
