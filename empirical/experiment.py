@@ -757,7 +757,9 @@ def _summarise_history(history: list[dict]) -> dict:
     drift = ("kernel_distance_to_init", "kernel_drift", "own_kernel_distance")
     first = history[0] if history else {}
     last = history[-1] if history else {}
+    kr = ("vs_dense/kernel_relative_distance",)
     return {"kernel_distance_init": get(first, kd), "kernel_distance_final": get(last, kd),
+            "kernel_relative_init": get(first, kr), "kernel_relative_final": get(last, kr),
             "output_gap_init": get(first, og), "output_gap_final": get(last, og),
             "kernel_drift_final": get(last, drift),
             "train_acc_final": get(last, ("train_acc",)), "robust_train_acc_final": get(last, ("robust_train_acc",))}

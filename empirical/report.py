@@ -36,11 +36,11 @@ __all__ = ["CSV_FIELDS", "SUMMARY_FIELDS", "aggregate", "write_csv", "write_repo
 CSV_FIELDS = (
     "dataset", "model", "method", "density", "seed", "eps", "clean_acc", "fgsm_acc", "pgd_acc",
     "crosscheck_pgd_acc", "crosscheck_flagged", "kernel_distance_init", "kernel_distance_final",
-    "output_gap_init", "output_gap_final", "kernel_drift_final", "search_seconds", "train_seconds",
+    "kernel_relative_init", "kernel_relative_final", "output_gap_init", "output_gap_final", "kernel_drift_final", "search_seconds", "train_seconds",
     "wall_seconds", "epochs", "achieved_density", "nonzero", "device", "resumed", "key", "run_dir",
 )
 SUMMARY_FIELDS = ("clean_acc", "fgsm_acc", "pgd_acc", "crosscheck_pgd_acc", "kernel_distance_init",
-                  "kernel_distance_final", "output_gap_init", "output_gap_final", "kernel_drift_final",
+                  "kernel_distance_final", "kernel_relative_init", "kernel_relative_final", "output_gap_init", "output_gap_final", "kernel_drift_final",
                   "search_seconds", "train_seconds")
 # history keys of the dense-versus-ticket trajectories (written by experiment._Tracker)
 KERNEL_KEY = "vs_dense/kernel_distance"
@@ -352,7 +352,8 @@ def _summary(records, rows, claim_list, figs, out: Path, config, failed) -> str:
     lines += [f"{len(records)} finished runs; seeds {n_seeds}; mean ± std over seeds (sample std).",
               "Accuracies are fractions of the test points; PGD is the robust accuracy at the training radius "
               "(worst case over restarts), cross-check is torchattacks' PGD on the same points; kernel distance is "
-              "1 − ⟨Θ_m, Θ_dense⟩_F / (‖Θ_m‖_F ‖Θ_dense‖_F) on the probe set at the same epoch, output gap "
+              "1 − ⟨Θ_m, Θ_dense⟩_F / (‖Θ_m‖_F ‖Θ_dense‖_F) on the probe set at the same epoch (it ignores the "
+              "kernel's scale), krel the relative distance ‖Θ_m − Θ_dense‖_F / ‖Θ_dense‖_F (it does not), output gap "
               "‖f_m − f_dense‖ / ‖f_dense‖ on the probe points, drift the ticket's kernel distance to its own init.", ""]
     if failed:
         lines += [f"**{len(failed)} run(s) failed**: " + "; ".join(
@@ -364,6 +365,7 @@ def _summary(records, rows, claim_list, figs, out: Path, config, failed) -> str:
               f"in total over runs.", ""]
     cols = [("clean", "clean_acc"), ("FGSM", "fgsm_acc"), ("PGD", "pgd_acc"), ("cross-check", "crosscheck_pgd_acc"),
             ("kdist init", "kernel_distance_init"), ("kdist end", "kernel_distance_final"),
+            ("krel init", "kernel_relative_init"), ("krel end", "kernel_relative_final"),
             ("gap init", "output_gap_init"), ("gap end", "output_gap_final"), ("drift end", "kernel_drift_final"),
             ("search s", "search_seconds"), ("train s", "train_seconds")]
     for g in sorted({(r["dataset"], r["model"], r["eps"]) for r in rows}):
