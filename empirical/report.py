@@ -255,7 +255,7 @@ def _fig_curves(rs: Sequence[Mapping], key: str, ylabel: str, title: str, path: 
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)  # above the panel titles (bbox_inches="tight" keeps it in the file)
     out = _save(fig, path)
     plt.close(fig)
     return out
@@ -308,7 +308,7 @@ def _fig_objective(rs: Sequence[Mapping], title: str, path: Path) -> Path | None
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.03)  # above the panel titles (bbox_inches="tight" keeps it in the file)
     out = _save(fig, path)
     plt.close(fig)
     return out
