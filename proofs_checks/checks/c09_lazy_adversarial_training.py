@@ -47,11 +47,12 @@ movement against the initialisation of another seed (a wrong :math:`W_0`: the re
 about :math:`\sqrt 2` at every width, slope 0); ``train_steps`` too small (the loss is far above its
 floor).
 
-Training loop. ``empirical.train.adversarial_train`` is not in the repository (issue 9 has not
-landed), and it trains by minibatch SGD with cross-entropy; the theorem is about full-batch GD on a
-fixed training set, so the check runs its own loop: every step attacks the current network with
-:func:`ntk_theory.attacks.pgd` (``steps`` iterations, :math:`\ell_\infty`, no box, random start
-seeded per step) and takes one full-batch GD step at the attacked points with
+Training loop. The theorem is about full-batch gradient descent on the robust *regression* loss of a
+fixed training set of sphere inputs (no [0, 1] box), whereas :func:`empirical.train.adversarial_train`
+is minibatch SGD with momentum on classification data in the box; so the check runs the theorem's
+loop: every step attacks the current network with :func:`ntk_theory.attacks.pgd` (the one attack loop;
+``steps`` iterations, :math:`\ell_\infty`, no box, random start seeded per step) and takes one full-batch
+GD step at the attacked points with
 :func:`proofs_checks.checks.c05_lazy_training_stability.gd_step` (the autograd gradient step, tested
 there). ``lr = lr_fraction * 2c/lambda_max(Theta(X, X))`` of the infinite-width kernel, below the
 stability limit of every width.
