@@ -64,13 +64,20 @@ Planted failures (tests): ``random_rescale=False`` (random masks without :math:`
 shrinks by :math:`q^k`, :math:`d_\Theta` stays order one, slope near 0); ``bound_factor=0.1`` (a
 bound ten times too tight: (a) fails).
 
-Measured (quick scale: widths 64-256, q in {0.2, 0.5}, eps = 0.1, 3 seeds; about 18 s on one core).
-Seed 0: (i) slope -0.55 [-0.65, -0.45], every d_f >= 0.57; (a) and (b) hold (sup gap / sup bound <= 0.023,
-moving-point gap/bound <= 0.21); AWT's d_f is below the random masks' everywhere, but at q = 0.2 it does not
-shrink with n (0.46, 0.60, 0.50), so (iii) and the check **fail**; seed 1 passes all four. d_f of a single
-network is heavy-tailed (digits in [0, 1] make f_0 nearly constant across the probe points), so the means
-over three seeds are noisy. This is a finding about the AWT search at this budget (150 steps; 400 steps did
-not change it), not a defect of the check.
+The AWT search runs with NTT's squared kernel error (``kernel_loss="mse"``) and the ``1/sqrt(q)``
+rescaling (``rescale=True``), so that it minimises the quantities this check measures (:math:`d_\Theta` is
+scale-sensitive; the search's default, the scale-free cosine distance without rescaling, leaves the
+sparse kernel about :math:`q` times the dense one, :math:`d_\Theta \approx 0.78` at q = 0.2 at every
+width). The ticket is still a sub-network of the initial weights up to one scale per layer.
+
+Measured (quick scale: widths 64-256, q in {0.2, 0.5}, eps = 0.1, 3 seeds; about 19 s on one core).
+Seeds 0, 1, 2 all pass. Seed 0: (i) slope -0.55 [-0.65, -0.45], every d_f >= 0.57; (a) and (b) hold (sup
+gap / sup bound <= 0.023); AWT's means over seeds at n = 64, 128, 256: q = 0.2 d_Theta 0.60, 0.52, 0.51 and
+d_f 0.43, 0.66, 0.41 (slope -0.03: barely shrinking, and not monotone), q = 0.5 d_Theta 0.23, 0.21, 0.16
+and d_f 0.27, 0.21, 0.22; random masks' d_f 0.9-2.0. d_f of a single network is heavy-tailed (digits in
+[0, 1] make f_0 nearly constant across the probe points), so the means over three seeds are noisy and
+criterion (iii) at q = 0.2 holds by a small margin; with the scale-free objective (before this choice)
+it failed at seed 0.
 
 Cost: one AWT search per (n, q, eps, seed) with ``awt_steps`` Adam steps on
 :func:`ntk_theory.differentiable.differentiable_ntk`; widths up to 256 at quick scale.
@@ -118,7 +125,8 @@ STATEMENT = ("AWT existence template (digits 3 vs 8, NTK-parameterised ReLU MLP,
 def _ticket(method, net, data, q, seed, p, eps, random_rescale):
     from empirical.tickets import find_ticket
     hp = {"random": dict(rescale=random_rescale), "magnitude": {},
-          "awt": dict(mode="subnetwork", train_steps=p["awt_steps"], batch_size=32, lr=p["awt_lr"], eps=eps,
+          "awt": dict(mode="subnetwork", kernel_loss="mse", rescale=True, train_steps=p["awt_steps"], batch_size=32,
+                      lr=p["awt_lr"], eps=eps,
                       steps=10, n_train=p["n_search"], n_eval=16, log_every=10 ** 6)}[method]
     # progress=True: the search's own bar (AWT) is silent off a terminal and leaves nothing behind (leave=False)
     return find_ticket(method, net, data, q, seed=seed, device="cpu", progress=True, **hp)
