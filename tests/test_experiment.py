@@ -273,3 +273,12 @@ def test_tickets_of_a_failed_dense_run_are_not_started(tmp_path):
     assert {f["seed"] for f in res.failed} == {1}
     assert sum("dense reference run failed" in f["error"] for f in res.failed) == 4
     assert not any((tmp_path / f["run_dir"]).exists() for f in res.failed if f["method"] != "dense")
+
+
+def test_random_baseline_is_rescaled_unless_the_sweep_says_otherwise():
+    c = ExperimentConfig(methods=("dense", "random"), densities=(0.1,), seeds=(0,))
+    assert [s.hparams for s in plan(c) if s.method == "random"] == [{"rescale": True}]
+    off = c.replace(hparams={"random": {"rescale": False}})
+    assert [s.hparams for s in plan(off) if s.method == "random"] == [{"rescale": False}]
+    # the two variants are different runs (content-addressed by their hyper-parameters)
+    assert {s.key() for s in plan(c) if s.method == "random"} != {s.key() for s in plan(off) if s.method == "random"}
