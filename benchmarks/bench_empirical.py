@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from _report import write_lines
 from torch import nn
 
 from ntk_theory.empirical import empirical_ntk
@@ -52,13 +53,7 @@ def _table(request):
         return
     lines = ["", "empirical_ntk: structured vs the jacobian recipe (same run), full O x O outputs"]
     lines += ["  " + row for row in _ROWS]
-    cap = request.config.pluginmanager.getplugin("capturemanager")
-    rep = request.config.pluginmanager.getplugin("terminalreporter")
-    if cap is None or rep is None:
-        return
-    with cap.global_and_fixture_disabled():
-        for line in lines:
-            rep.write_line(line)
+    write_lines(request, lines)
 
 
 def _peak_rss_mib(model: str, n: int, dtype: str, method: str) -> float:

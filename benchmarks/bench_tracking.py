@@ -19,6 +19,7 @@ import time
 
 import pytest
 import torch
+from _report import write_lines
 from torch import nn
 
 from empirical import data as data_mod
@@ -72,13 +73,7 @@ def _table(request):
         return
     lines = ["", f"tracking (probe 64 + 64, digits MLP 64-512-512-10, mode='trace') vs one plain PGD-10 AT epoch "
                  f"(1438 points, batch 128), {torch.get_num_threads()} thread(s)"] + ["  " + r for r in _ROWS]
-    cap = request.config.pluginmanager.getplugin("capturemanager")
-    rep = request.config.pluginmanager.getplugin("terminalreporter")
-    if cap is None or rep is None:
-        return
-    with cap.global_and_fixture_disabled():
-        for line in lines:
-            rep.write_line(line)
+    write_lines(request, lines)
 
 
 @pytest.mark.parametrize("case", ["own", "vs_dense", "masked_vs_dense"])

@@ -261,6 +261,10 @@ def _fig_curves(rs: Sequence[Mapping], key: str, ylabel: str, title: str, path: 
     return out
 
 
+#: per-iteration diagnostics that are bookkeeping, not objective terms (not plotted)
+NOT_TERMS = ("iteration", "step", "iter", "seconds", "time", "lr")
+
+
 def _diagnostic_series(diag: Any) -> dict[str, list[float]]:
     """Objective terms per iteration from a search's diagnostics: either a dict of lists or a list
     of per-iteration dicts (``{"kernel": ..., "output": ..., ...}``), possibly under a ``history`` /
@@ -272,10 +276,10 @@ def _diagnostic_series(diag: Any) -> dict[str, list[float]]:
                 if got:
                     return got
         series = {k: [float(x) for x in v] for k, v in diag.items()
-                  if isinstance(v, list) and len(v) > 1 and all(_num(x) is not None for x in v)}
+                  if k not in NOT_TERMS and isinstance(v, list) and len(v) > 1 and all(_num(x) is not None for x in v)}
         return series
     if isinstance(diag, list) and diag and all(isinstance(d, Mapping) for d in diag):
-        keys = [k for k in diag[0] if k not in ("iteration", "step", "iter") and _num(diag[0][k]) is not None]
+        keys = [k for k in diag[0] if k not in NOT_TERMS and _num(diag[0][k]) is not None]
         return {k: [float(d[k]) for d in diag if _num(d.get(k)) is not None] for k in keys}
     return {}
 
