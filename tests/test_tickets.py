@@ -89,3 +89,13 @@ def test_bad_input_is_refused_by_name(kwargs, match):
     method, density = args.pop("method"), args.pop("density")
     with pytest.raises((ValueError, TypeError), match=match):
         find_ticket(method, _model(), _data(), density, device="cpu", progress=False, **args)
+
+
+@pytest.mark.parametrize("method", ["snip", "grasp", "adv_imp"])
+def test_a_frozen_model_is_searched_and_left_frozen(method):
+    model = _model()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    res = find_ticket(method, model, _data(), 0.3, device="cpu", progress=False, **FAST.get(method, {}))
+    assert sum(int(m.sum()) for m in res.mask.values()) > 0
+    assert not any(p.requires_grad for p in model.parameters())

@@ -199,6 +199,8 @@ def find_ticket(method: str, model: nn.Module, data, density: float, *, scope: s
         raise ValueError(f"density: {q:g} keeps no weight at all")
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
     work = copy.deepcopy(model).to(dev)
+    for p in work.parameters():  # a frozen caller's model (requires_grad=False) is still searchable
+        p.requires_grad_(True)
     ctx = Context(model=work, data=data, density=q, scope=scope, skip_first=skip_first, seed=seed, device=dev,
                   progress=progress, names=names, counts=counts, total=total,
                   generator=torch.Generator().manual_seed(seed))
