@@ -14,21 +14,17 @@ Run:  OMP_NUM_THREADS=1 .venv/bin/python -m pytest benchmarks/bench_tickets.py -
 """
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 import torch
+from _report import write_lines
 
 from empirical import data as D
 from empirical import models as Mo
 from empirical.tickets import awt, find_ticket
 from ntk_theory.attacks import pgd
 
-# benchmarks/conftest.py uses every core; an explicit OMP_NUM_THREADS wins here (2 threads on a loaded
-# 2-core machine oversubscribe it and time the scheduler, not the kernel)
-if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 _ROWS: list[str] = []
 _TIMES: dict[str, float] = {}
@@ -41,13 +37,7 @@ def _table(request):
         return
     lines = ["", "ticket search (digits MLP 64-512-512-10, density 0.1, "
              f"{torch.get_num_threads()} thread(s))"] + ["  " + r for r in _ROWS]
-    cap = request.config.pluginmanager.getplugin("capturemanager")
-    rep = request.config.pluginmanager.getplugin("terminalreporter")
-    if cap is None or rep is None:
-        return
-    with cap.global_and_fixture_disabled():
-        for line in lines:
-            rep.write_line(line)
+    write_lines(request, lines)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +46,7 @@ def problem():
     model = Mo.build("mlp", in_shape=ds.input_shape, num_classes=10, seed=0).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    x, y = ds.x_train[:64], ds.y_train[:64]
+    x = ds.x_train[:64]
     xa = pgd(model, x, model(x).argmax(1), eps=0.1, steps=10, generator=0)
     names = [n for n, p in model.named_parameters() if p.dim() >= 2][1:]
     params = dict(model.named_parameters())
