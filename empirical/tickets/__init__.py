@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import inspect
 import pkgutil
 import time
 from dataclasses import dataclass, field
@@ -32,13 +31,13 @@ from torch.nn.utils import parametrize
 
 from ntk_theory._checks import check_bool, check_choice, check_density, check_device, check_int
 from ntk_theory.io import Result, atomic_torch_save
-from ntk_theory.masks import canonical_name, masked_value
+from ntk_theory.masks import masked_value
 
 from ._common import (Context, LayerCollapseError, SearchOutput, check_collapse, flops_and_nonzeros, layer_counts,
                       prunable)
 
 __all__ = ["find_ticket", "TicketResult", "methods", "get", "check_hparams", "load_ticket", "LayerCollapseError",
-           "SCOPES"]
+           "SCOPES", "SearchOutput"]
 
 SCOPES = ("layerwise", "global")
 

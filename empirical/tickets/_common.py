@@ -9,6 +9,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ntk_theory._checks import check_choice, check_int, check_nonnegative, check_positive
+from ntk_theory.attacks import NORMS
 from ntk_theory.masks import canonical_name, split_name
 
 
@@ -180,3 +182,13 @@ def imp_schedule(density: float, rate: float = 0.2) -> list[float]:
 
 
 Search = Callable[..., SearchOutput]
+
+
+def check_attack_hparams(hp: dict, min_steps: int = 0) -> None:
+    """The attack hyper-parameters of a method that runs PGD (``eps >= 0``, ``norm``, ``steps >=
+    min_steps``, ``alpha > 0`` or ``None``), each refused by name before any work."""
+    check_nonnegative(hp["eps"], "eps")
+    check_choice(hp["norm"], "norm", NORMS)
+    check_int(hp["steps"], "steps", minimum=min_steps)
+    if hp["alpha"] is not None:
+        check_positive(hp["alpha"], "alpha")

@@ -32,7 +32,7 @@ from torch import nn
 from ntk_theory._checks import check_choice, check_int, check_nonnegative, check_positive
 from ntk_theory.masks import canonical_name, split_name
 
-from ._common import SearchOutput, imp_schedule, layer_counts, progress_bar, topk_mask
+from ._common import SearchOutput, check_attack_hparams, imp_schedule, layer_counts, progress_bar, topk_mask
 
 HPARAMS = {"epochs": 3, "rewind_epoch": 0, "rate": 0.2, "lr": 0.05, "batch_size": 128, "optimizer": "sgd",
            "momentum": 0.9, "weight_decay": 0.0, "schedule": None, "eps": 0.1, "norm": "linf", "steps": 10,
@@ -55,11 +55,7 @@ def validate(hp: dict) -> None:
     if m >= 1:
         raise ValueError(f"momentum: got {m!r}; expected a value in [0, 1)")
     check_nonnegative(hp["weight_decay"], "weight_decay")
-    check_nonnegative(hp["eps"], "eps")
-    check_choice(hp["norm"], "norm", ("linf", "l2"))
-    check_int(hp["steps"], "steps", minimum=1)
-    if hp["alpha"] is not None:
-        check_positive(hp["alpha"], "alpha")
+    check_attack_hparams(hp, min_steps=1)
 
 
 def rounds_for(density: float, rate: float = 0.2) -> int:

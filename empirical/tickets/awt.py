@@ -63,7 +63,7 @@ from ntk_theory.attacks import pgd
 from ntk_theory.differentiable import differentiable_ntk, plan
 from ntk_theory.metrics import kernel_distance, relative_frobenius
 
-from ._common import SearchOutput, model_dtype, progress_bar, topk_mask, xy
+from ._common import SearchOutput, check_attack_hparams, model_dtype, progress_bar, topk_mask, xy
 
 HPARAMS = {
     "mode": "subnetwork", "train_steps": 300, "batch_size": 64, "lr": None, "lambda_out": 0.3,
@@ -140,11 +140,7 @@ def validate(hp: dict) -> None:
     check_choice(hp["kernel_mode"], "kernel_mode", ("trace", "full"))
     check_choice(hp["kernel"], "kernel", ("subnetwork", "ntt"))
     check_bool(hp["normalize"], "normalize")
-    check_nonnegative(hp["eps"], "eps")
-    check_choice(hp["norm"], "norm", ("linf", "l2"))
-    check_int(hp["steps"], "steps", minimum=0)
-    if hp["alpha"] is not None:
-        check_positive(hp["alpha"], "alpha")
+    check_attack_hparams(hp, min_steps=0)
     check_choice(hp["labels"], "labels", ("pseudo", "true"))
     check_int(hp["n_train"], "n_train", minimum=2)
     check_int(hp["n_eval"], "n_eval", minimum=2)

@@ -40,7 +40,7 @@ from torch.func import functional_call
 from ntk_theory._checks import check_choice, check_int, check_nonnegative, check_positive
 from ntk_theory.attacks import pgd
 
-from ._common import SearchOutput, model_dtype, progress_bar, topk_mask, xy
+from ._common import SearchOutput, check_attack_hparams, model_dtype, progress_bar, topk_mask, xy
 
 HPARAMS = {"epochs": 5, "lr": 0.1, "batch_size": 128, "momentum": 0.9, "weight_decay": 1e-4,
            "schedule": "cosine", "eps": 0.1, "norm": "linf", "steps": 10, "alpha": None, "n_train": None,
@@ -56,11 +56,7 @@ def validate(hp: dict) -> None:
         raise ValueError(f"momentum: got {m!r}; expected a value in [0, 1)")
     check_nonnegative(hp["weight_decay"], "weight_decay")
     check_choice(hp["schedule"], "schedule", ("cosine", "constant"))
-    check_nonnegative(hp["eps"], "eps")
-    check_choice(hp["norm"], "norm", ("linf", "l2"))
-    check_int(hp["steps"], "steps", minimum=0)
-    if hp["alpha"] is not None:
-        check_positive(hp["alpha"], "alpha")
+    check_attack_hparams(hp, min_steps=0)
     if hp["n_train"] is not None:
         check_int(hp["n_train"], "n_train", minimum=1)
     check_choice(hp["score_init"], "score_init", ("scaled", "kaiming"))
