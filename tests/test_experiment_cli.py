@@ -245,7 +245,7 @@ def test_kill_and_resume_loses_at_most_one_epoch(tmp_path):
     """Kill the CLI (SIGKILL) once a ticket run has checkpointed an epoch; the re-run resumes that
     run from its checkpoint, and every number and history equals an uninterrupted sweep's."""
     toml = _tiny_toml(tmp_path, methods=("dense", "random"))
-    argv = ["--config", str(toml), *TINY, "--epochs", "4"]
+    argv = ["--config", str(toml), *TINY, "--epochs", "40"]   # long enough to be caught mid-run
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen([sys.executable, "-m", "empirical.cli", *argv, "--out", str(killed)], cwd=REPO, env=env,
