@@ -20,27 +20,6 @@ from empirical.experiment import ExperimentConfig, plan, run_dir
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _components_missing() -> list[str]:
-    import importlib
-
-    from empirical.experiment import COMPONENTS
-
-    missing = []
-    for name in COMPONENTS:
-        try:
-            importlib.import_module(f"empirical.{name}")
-        except ImportError:
-            missing.append(f"empirical.{name}")
-    return missing
-
-
-# These tests run a real sweep (or validate names against the real data/models/tickets): they need every
-# module a run is made of. Issue 9's empirical.data/models/train/evaluate/tracking are not built yet; until
-# they are, `awt experiment` refuses to start with one line (test_refuses_while_components_are_missing).
-needs_components = pytest.mark.skipif(bool(_components_missing()),
-                                      reason=f"needs {', '.join(_components_missing())} (issue 9, not built yet)")
-
-
 def _args(argv):
     return cli.config_from_args(cli.build_parser().parse_args(argv))
 
@@ -107,7 +86,6 @@ def test_unknown_config_key(tmp_path, capsys):
     _bad(tmp_path, ["--config", str(toml)], "not valid TOML", capsys)
 
 
-@needs_components
 @pytest.mark.parametrize("argv, match", [
     (["--methods", "dense,awt,nonsense"], "methods: 'nonsense' is not one of"),
     (["--datasets", "imagenet"], "datasets: 'imagenet'"),
@@ -123,14 +101,12 @@ def test_bad_names(tmp_path, capsys, argv, match):
     _bad(tmp_path, argv, match, capsys)
 
 
-@needs_components
 def test_data_root_without_files(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     _bad(tmp_path, ["--preset", "mnist", "--data-root", str(empty)], "datasets: 'mnist'", capsys)
 
 
-@needs_components
 def test_missing_executor_package(tmp_path, capsys, monkeypatch):
     import importlib
 
@@ -174,7 +150,6 @@ def _numbers(out: Path):
     return scal, hist
 
 
-@needs_components
 def test_end_to_end_local(tmp_path):
     out = tmp_path / "out"
     rc = cli.main(["--config", str(_tiny_toml(tmp_path)), *TINY, "--out", str(out)])
@@ -212,7 +187,6 @@ def ray_local():
     ray.shutdown()
 
 
-@needs_components
 def test_end_to_end_ray_equals_local(tmp_path, ray_local):
     toml = _tiny_toml(tmp_path, methods=("dense", "awt", "magnitude"), seeds=(0, 1))
     local, ray_out = tmp_path / "local", tmp_path / "ray"
