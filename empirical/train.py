@@ -18,8 +18,9 @@ Conventions, chosen where the issue is silent (and configurable where a choice m
 * The attack runs with the model in eval mode (``attack_mode="eval"``; the attack does not update
   BatchNorm statistics, as in HYDRA and most robust-training code); the update with the model in
   train mode. For MLPs and CNNs without BatchNorm or dropout the two coincide.
-* One seed drives the run: epoch ``t`` draws its minibatch order and its PGD random starts from a
-  generator seeded by ``SeedSequence([seed, t])``, so a run resumed at an epoch boundary draws the
+* One seed drives the run: epoch ``t`` draws its minibatch order (:func:`empirical.data.batches`) and
+  its PGD random starts from a generator seeded by ``SeedSequence([seed, t])`` (on CUDA, a CPU generator
+  of the same seed draws the order), so a run resumed at an epoch boundary draws the
   same numbers as an uninterrupted one. The generator state and torch's global RNG state (dropout)
   are in the checkpoint as well.
 * Checkpoints are written once an epoch (``checkpoint_dir/checkpoint.pt``, atomically with
@@ -63,6 +64,8 @@ from ntk_theory._checks import (as_tensor, check_bool, check_choice, check_devic
 from ntk_theory.attacks import NORMS, pgd, per_sample_loss
 from ntk_theory.io import Result, atomic_torch_save, to_jsonable
 from ntk_theory.masks import MaskParametrization, apply_mask, validate_mask
+
+from .data import batches
 
 __all__ = ["adversarial_train", "TrainResult", "OPTIMIZERS", "SCHEDULES", "LOSSES", "epoch_generator",
            "zero_pruned_", "pruned_nonzeros"]
@@ -360,13 +363,11 @@ def adversarial_train(model: nn.Module, data, *, mask: Mapping[str, torch.Tensor
         factor = sched(epoch - 1)
         for group in opt.param_groups:
             group["lr"] = lr * factor
-        gen = epoch_generator(seed, epoch, dev)
-        order = torch.randperm(n, generator=gen, device=dev)
+        gen = epoch_generator(seed, epoch, dev)   # the PGD starts (and, on the CPU, the minibatch order)
+        order_gen = gen if dev.type == "cpu" else epoch_generator(seed, epoch, "cpu")
         work.train()
         loss_sum, robust, seen = 0.0, 0, 0
-        for i in range(0, n, batch_size):
-            idx = order[i:i + batch_size]
-            xb, yb = x_tr[idx], y_tr[idx]
+        for step, (xb, yb) in enumerate(batches(x_tr, y_tr, batch_size, shuffle=True, generator=order_gen)):
             # one evaluation of every masked weight per batch: the attack's forwards and the update's
             # forward and backward share it (it is recomputed after the step)
             with parametrize.cached():
@@ -382,7 +383,7 @@ def adversarial_train(model: nn.Module, data, *, mask: Mapping[str, torch.Tensor
                         if not finite:
                             raise FloatingPointError(
                                 f"adversarial_train: the parameters or outputs became non-finite at epoch {epoch}, "
-                                f"step {i // batch_size} (lr={lr * factor:g}); lower lr") from None
+                                f"step {step} (lr={lr * factor:g}); lower lr") from None
                         raise
                     work.train()
                 else:
@@ -391,7 +392,7 @@ def adversarial_train(model: nn.Module, data, *, mask: Mapping[str, torch.Tensor
                 ell = per_sample_loss(out, yb, loss).mean()
                 if not torch.isfinite(ell):
                     raise FloatingPointError(f"adversarial_train: the training loss became {float(ell)} at epoch "
-                                             f"{epoch}, step {i // batch_size} (lr={lr * factor:g}); lower lr")
+                                             f"{epoch}, step {step} (lr={lr * factor:g}); lower lr")
                 opt.zero_grad(set_to_none=True)
                 ell.backward()
                 opt.step()
